@@ -1,0 +1,1 @@
+"""kvruntime.radix"""
