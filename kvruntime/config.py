@@ -1,0 +1,62 @@
+"""RuntimeConfig: the one config of the runtime layer (names of DESIGN.md's public API)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvruntime.errors import ConfigError
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "cpu"  # "cpu" or "cuda"
+    page_size: int = 16  # tokens per page
+    device_kv_bytes: int = 256 * MiB  # device page pool budget
+    host_kv_bytes: int = 1024 * MiB  # host tier budget (0 disables the tier)
+    redis_url: str | None = None  # None: no Redis tier
+    host_codec: str = "none"
+    redis_codec: str = "int8"
+    reuse: bool = True  # False recomputes everything (the baseline)
+    dtype: str | None = None  # KV/model dtype; None keeps the model's
+    tenant_salt: bytes = b""  # mixed into every tenant's page hashes
+    redis_namespace: str = "kvr"
+    redis_ttl_s: float | None = None
+    eviction_policy: str = "lru"
+    max_queue: int = 64  # turns waiting for the engine before Overloaded is raised
+    # Cost model: None measures at start; a number fixes it (tokens/s, bytes/s, seconds).
+    prefill_tokens_per_s: float | None = None
+    host_bytes_per_s: float | None = None
+    redis_bytes_per_s: float | None = None
+    redis_latency_s: float = 0.0005
+    min_redis_hit_tokens: int = 0  # skip Redis unless it restores at least this many tokens
+    write_back: bool = True  # copy new pages to host/Redis in the background
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"RuntimeConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ConfigError(
+                f"RuntimeConfig.page_size must be a power of two, got {self.page_size}"
+            )
+        if self.device_kv_bytes <= 0:
+            raise ConfigError("RuntimeConfig.device_kv_bytes must be positive")
+        if self.host_kv_bytes < 0:
+            raise ConfigError("RuntimeConfig.host_kv_bytes must be >= 0")
+        if self.max_queue <= 0:
+            raise ConfigError("RuntimeConfig.max_queue must be positive")
+        if self.redis_ttl_s is not None and self.redis_ttl_s <= 0:
+            raise ConfigError("RuntimeConfig.redis_ttl_s must be positive or None")
+        for name in ("prefill_tokens_per_s", "host_bytes_per_s", "redis_bytes_per_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"RuntimeConfig.{name} must be positive or None")
+
+    @property
+    def has_host_tier(self) -> bool:
+        return self.host_kv_bytes > 0
+
+    @property
+    def has_redis_tier(self) -> bool:
+        return self.redis_url is not None
