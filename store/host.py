@@ -131,6 +131,16 @@ class HostTier:
                 out.append(self.blocks[slot])
         return out
 
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def discard_slots(self, slots: Sequence[int]) -> int:
+        """Drop the pages in ``slots`` (the runtime's index decided which); returns how many."""
+        wanted = set(slots)
+        keys = [k for k, s in self._slot_of.items() if s in wanted]
+        return self.discard(keys)
+
     def slots_of(self, keys: Sequence[str]) -> list[int | None]:
         return [self._slot_of.get(k) for k in keys]
 

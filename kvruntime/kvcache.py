@@ -1,0 +1,583 @@
+"""The runtime's KV cache: the radix index over a device page pool, a host tier and Redis.
+
+One turn calls ``lookup`` (what is cached where, and whether restoring each tier beats
+recomputing), ``restore`` (the reusable prefix as pages on the engine's device), then, after
+the engine ran, ``commit`` (new and restored pages into the device pool and the index, and
+write-back to host and Redis in the background) and ``release``.
+
+Lineage: a page restored from a lossy tier is approximate KV. Such a page is used but not put
+back on the device as if it were the exact page, and everything computed on top of it is
+inserted as approximate, so an exact lookup never gets it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvruntime import kernels
+from kvruntime.config import RuntimeConfig
+from kvruntime.cost import CostModel, Decision
+from kvruntime.errors import CapacityError, CorruptPage
+from kvruntime.kernels.layout import PageLayout, dtype_name
+from kvruntime.radix import (
+    Handle,
+    MatchResult,
+    Namespace,
+    PageInfo,
+    PageLocation,
+    RadixConfig,
+    RadixTree,
+    storage_key,
+)
+from kvruntime.radix import page_hashes as chain_hashes
+from kvruntime.results import TIERS
+from kvruntime.store import wire
+from kvruntime.store.codec import Codec, get_codec
+from kvruntime.store.host import HostTier, HostTierConfig
+from kvruntime.store.pool import DevicePagePool, PoolConfig
+from kvruntime.writeback import WriteBack, WriteJob
+
+if TYPE_CHECKING:
+    from kvruntime.store.redis_tier import RedisTier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lookup:
+    """What a prompt can reuse. ``sources[i]`` says where page i is read from."""
+
+    namespace: Namespace
+    tokens: list[int]
+    match: MatchResult
+    handle: Handle | None  # locked while the turn runs
+    sources: list[tuple[str, int | str]] = field(default_factory=list)  # (tier, value)
+    redis_hashes: list[bytes] = field(default_factory=list)  # pages past the tree, in Redis
+    decisions: list[Decision] = field(default_factory=list)
+    exact_only: bool = False
+    lossy_from: int | None = None  # first page restored through a lossy codec
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.sources)
+
+
+@dataclass(frozen=True)
+class Restored:
+    pages: torch.Tensor | None  # [n, L, 2, H, P, D] on the engine's device, or None
+    num_tokens: int
+    tokens_by_tier: dict[str, int]
+    bytes_by_tier: dict[str, int]
+    seconds: float
+
+
+class KVCache:
+    """Thread-safe: one lock guards the index, the allocator and the host tier's books."""
+
+    def __init__(
+        self,
+        layout: PageLayout,
+        fingerprint: str,
+        config: RuntimeConfig,
+        cost: CostModel,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.layout = layout
+        self.fingerprint = fingerprint
+        self.config = config
+        self.cost = cost
+        self._clock = clock
+        self._lock = threading.RLock()
+        self.tree = RadixTree(RadixConfig(layout.page_size, config.eviction_policy), clock=clock)
+        self.pool = DevicePagePool(
+            PoolConfig.from_budget(layout, config.device_kv_bytes, config.device)
+        )
+        self.host_codec: Codec = get_codec(config.host_codec)
+        self.redis_codec: Codec = get_codec(config.redis_codec)
+        self.host: HostTier | None = None
+        if config.has_host_tier:
+            block = self.host_codec.page_nbytes(layout)
+            if config.host_kv_bytes >= block:
+                self.host = HostTier(HostTierConfig(config.host_kv_bytes, block))
+        self.redis: RedisTier | None = None
+        if config.redis_url is not None:
+            from kvruntime.store.redis_tier import RedisTier, RedisTierConfig
+
+            self.redis = RedisTier(
+                RedisTierConfig(
+                    url=config.redis_url, namespace=config.redis_namespace, ttl_s=config.redis_ttl_s
+                )
+            )
+        self._redis_value_bytes = (
+            wire.PREAMBLE_BYTES + 256 + 4 * layout.page_size + self.redis_codec.page_nbytes(layout)
+        )
+        self._writeback = WriteBack(self._write_job) if config.write_back else None
+
+    # ------------------------------------------------------------------ lookup
+
+    def namespace(self, tenant: str) -> Namespace:
+        return Namespace(self.fingerprint, self.layout.describe(), tenant, self.config.tenant_salt)
+
+    def lookup(self, tokens: Sequence[int], tenant: str, exact_only: bool = False) -> Lookup:
+        """Find the reusable prefix of ``tokens`` (whole pages, at most ``len - 1`` tokens, so
+        the engine computes at least the last one) and lock it. Never raises for tier faults."""
+        ns = self.namespace(tenant)
+        tokens = list(tokens)
+        P = self.layout.page_size
+        limit = (len(tokens) - 1) // P  # pages that may be reused
+        with self._lock:
+            match = self.tree.match(tokens, ns, exact_only=exact_only)
+            handle = match.handle if match.num_pages else None
+            if handle is not None:
+                self.tree.lock(handle)
+        found = Lookup(ns, tokens, match, handle, exact_only=exact_only)
+        pages: list[tuple[str, int | str, bool]] = []  # (tier, value, lossy)
+        for i, loc in enumerate(match.locations[:limit]):
+            exact_page = i < match.num_exact
+            if loc.device is not None:
+                pages.append(("device", loc.device, False))
+            elif (
+                loc.host is not None
+                and self.host is not None
+                and not (exact_only and not self.host_codec.lossless)
+            ):
+                pages.append(("host", loc.host, not self.host_codec.lossless and exact_page))
+            elif (
+                loc.redis is not None
+                and self.redis is not None
+                and not (exact_only and not self.redis_codec.lossless)
+            ):
+                pages.append(("redis", loc.redis, not self.redis_codec.lossless and exact_page))
+            else:
+                break
+        if len(pages) == match.num_pages and len(pages) < limit and self.redis is not None:
+            pages += self._probe_redis(found, tokens, len(pages), limit)
+        self._decide(found, pages)
+        return found
+
+    def _probe_redis(
+        self, found: Lookup, tokens: list[int], start: int, limit: int
+    ) -> list[tuple[str, int | str, bool]]:
+        """Pages past the local tree that another process (or an earlier life of this one)
+        stored in Redis: exact keys first, approximate ones where allowed."""
+        assert self.redis is not None
+        if self.redis_codec.lossless is False and found.exact_only:
+            return []
+        P = self.layout.page_size
+        parent = found.match.page_hashes[start - 1] if start else None
+        hashes = chain_hashes(found.namespace, tokens[start * P : limit * P], P, parent=parent)
+        exact_chain = start == 0 or found.match.num_exact == found.match.num_pages
+        out: list[tuple[str, int | str, bool]] = []
+        if exact_chain:
+            keys = [storage_key(h, self.redis_codec.name, True) for h in hashes]
+            hits = self.redis.leading_hits(keys)
+            out += [("redis", k, not self.redis_codec.lossless) for k in keys[:hits]]
+        if not found.exact_only and len(out) < len(hashes):
+            rest = hashes[len(out) :]
+            keys = [storage_key(h, self.redis_codec.name, False) for h in rest]
+            hits = self.redis.leading_hits(keys)
+            out += [("redis", k, False) for k in keys[:hits]]
+            if hits and found.lossy_from is None:
+                found.lossy_from = start + len(out) - hits  # approximate lineage from here
+        found.redis_hashes = hashes[: len(out)]
+        return out
+
+    def _decide(self, found: Lookup, pages: list[tuple[str, int | str, bool]]) -> None:
+        """Keep the longest prefix whose tiers are each worth restoring (cost model)."""
+        P = self.layout.page_size
+        counts = dict.fromkeys(("host", "redis"), 0)
+        for tier, _, _ in pages:
+            if tier in counts:
+                counts[tier] += 1
+        allowed = {"device"}
+        for tier, n in counts.items():
+            if not n:
+                continue
+            codec = self.host_codec if tier == "host" else self.redis_codec
+            nbytes = n * codec.page_nbytes(self.layout)
+            min_tokens = self.config.min_redis_hit_tokens if tier == "redis" else 0
+            decision = self.cost.decide(tier, n * P, nbytes, min_tokens)
+            found.decisions.append(decision)
+            if decision.rehydrate:
+                allowed.add(tier)
+        for i, (tier, value, lossy) in enumerate(pages):
+            if tier not in allowed:
+                break
+            found.sources.append((tier, value))
+            if lossy and found.lossy_from is None:
+                found.lossy_from = i
+        if found.match.num_exact < min(found.match.num_pages, len(found.sources)):
+            # approximate pages in the tree: lineage already approximate from there on
+            first_approx = found.match.num_exact
+            if found.lossy_from is None or first_approx < found.lossy_from:
+                found.lossy_from = first_approx
+        found.redis_hashes = found.redis_hashes[
+            : max(0, len(found.sources) - found.match.num_pages)
+        ]
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, found: Lookup, device: torch.device, dtype: torch.dtype) -> Restored:
+        """Read the chosen pages into one page-first tensor on the engine's device. A Redis
+        value that is missing or fails verification shortens the prefix (recomputed)."""
+        t0 = self._clock()
+        n = found.num_pages
+        tokens_by = dict.fromkeys(TIERS, 0)
+        bytes_by = dict.fromkeys(TIERS, 0)
+        if n == 0:
+            return Restored(None, 0, tokens_by, bytes_by, 0.0)
+        L = self.layout
+        # [n, L, 2, H, P, D] in the engine's dtype on its device
+        out = torch.empty((n, *L.page_shape), dtype=dtype, device=device)
+        by_tier: dict[str, list[int]] = {t: [] for t in TIERS}
+        for i, (tier, _) in enumerate(found.sources):
+            by_tier[tier].append(i)
+        good = n
+        with self._lock:
+            if by_tier["device"]:
+                idx = by_tier["device"]
+                ids = self.pool.ids_tensor([int(found.sources[i][1]) for i in idx])
+                tmp = torch.empty(
+                    (len(idx), *L.page_shape), dtype=L.dtype, device=self.pool.kv.device
+                )
+                kernels.gather_pages(self.pool.kv, ids, tmp)
+                out[idx] = tmp.to(device=device, dtype=dtype)
+                bytes_by["device"] += len(idx) * L.page_nbytes
+            if by_tier["host"] and self.host is not None:
+                idx = by_tier["host"]
+                slots = torch.as_tensor([int(found.sources[i][1]) for i in idx], dtype=torch.int64)
+                blocks = self.host.blocks.index_select(0, slots)
+                tmp = torch.empty((len(idx), *L.page_shape), dtype=L.dtype, device=device)
+                self.host_codec.decode(blocks.to(device), L, tmp)
+                out[idx] = tmp.to(dtype)
+                bytes_by["host"] += int(blocks.numel())
+        if by_tier["redis"]:
+            good = min(good, self._restore_redis(found, by_tier["redis"], out, bytes_by))
+        if good < n:
+            found.sources = found.sources[:good]
+            out = out[:good]
+        for tier, _ in found.sources:
+            tokens_by[tier] += L.page_size
+        if found.lossy_from is not None and found.lossy_from >= good:
+            found.lossy_from = None
+        return Restored(
+            out if good else None, good * L.page_size, tokens_by, bytes_by, self._clock() - t0
+        )
+
+    def _restore_redis(
+        self, found: Lookup, idx: list[int], out: torch.Tensor, bytes_by: dict[str, int]
+    ) -> int:
+        """Fetch, verify and decode Redis pages; returns the first page index that failed."""
+        assert self.redis is not None
+        L = self.layout
+        P = L.page_size
+        keys = [str(found.sources[i][1]) for i in idx]
+        buf = torch.empty((len(keys), self._redis_value_bytes), dtype=torch.uint8)
+        views = [memoryview(buf[j].numpy()) for j in range(len(keys))]
+        sizes = self.redis.get_into(keys, views)
+        blocks = torch.empty((len(keys), self.redis_codec.page_nbytes(L)), dtype=torch.uint8)
+        ok = 0
+        for j, (i, size) in enumerate(zip(idx, sizes, strict=True)):
+            if size is None:
+                break
+            try:
+                payload = wire.decode_page(
+                    views[j][:size],
+                    codec=self.redis_codec.name,
+                    dtype=dtype_name(L.dtype),
+                    shape=L.page_shape,
+                    layout=L.describe(),
+                    tokens=found.tokens[i * P : (i + 1) * P],
+                )
+            except CorruptPage as exc:
+                log.warning("Redis page %s rejected, recomputing: %s", keys[j], exc)
+                break
+            blocks[j] = torch.frombuffer(payload, dtype=torch.uint8)
+            bytes_by["redis"] += size
+            ok += 1
+        if ok:
+            tmp = torch.empty((ok, *L.page_shape), dtype=L.dtype, device=out.device)
+            self.redis_codec.decode(blocks[:ok].to(out.device), L, tmp)
+            out[idx[:ok]] = tmp.to(out.dtype)
+        return idx[ok] if ok < len(idx) else out.shape[0]
+
+    # ------------------------------------------------------------------ commit
+
+    def commit(
+        self,
+        found: Lookup,
+        token_ids: Sequence[int],
+        export: Callable[[int, int], torch.Tensor],
+    ) -> dict[str, int]:
+        """Cache the whole pages of ``token_ids`` (the turn's prompt and output whose KV the
+        engine holds): pages not on the device are exported (``export(first_page, count)``
+        gives [count, L, 2, H, P, D]) into newly allocated pool pages, inserted into the
+        index, and queued for write-back. Returns bytes queued per tier. Never raises for
+        lack of space: what does not fit is simply not cached."""
+        P = self.layout.page_size
+        tokens = list(token_ids)
+        total = len(tokens) // P
+        if total == 0:
+            return {}
+        lossy_from = found.lossy_from if found.lossy_from is not None else total
+        known: list[PageLocation] = list(found.match.locations[: found.match.num_pages])
+        # which pages need a device copy: not on device, and not exact pages whose only
+        # restored KV was lossy (that would pass approximate KV off as exact)
+        need: list[int] = []
+        for i in range(total):
+            loc = known[i] if i < len(known) else None
+            if loc is not None and loc.device is not None:
+                continue
+            restored = i < len(found.sources) and found.sources[i][0] != "device"
+            if restored and lossy_from <= i < found.match.num_exact:
+                continue  # an exact page restored lossily: its lower-tier copy stays
+            need.append(i)
+        with self._lock:
+            ids = self._alloc(len(need))
+        new_device = dict(zip(need, ids, strict=False))
+        for run in _runs(need[: len(ids)]):
+            pages = export(run[0], len(run))
+            dst = self.pool.ids_tensor([new_device[j] for j in run])
+            kernels.scatter_pages(
+                pages.to(self.pool.kv.device, self.layout.dtype), dst, self.pool.kv
+            )
+        # pages the device pool could not take spill straight to the host tier
+        spill = [i for i in need[len(ids) :] if i >= len(known) or known[i] == PageLocation()]
+        new_host, staged = self._spill(spill, export, found.namespace, lossy_from, found.match)
+        locations: list[PageLocation] = []
+        redis_start = found.match.num_pages
+        for i in range(total):
+            loc = known[i] if i < len(known) else PageLocation()
+            if i in new_device:
+                loc = loc._replace(device=new_device[i])
+            if i in new_host:
+                loc = loc._replace(host=new_host[i])
+            if redis_start <= i < redis_start + len(found.redis_hashes) and loc.redis is None:
+                loc = loc._replace(redis=str(found.sources[i][1]))
+            if loc == PageLocation():
+                break  # nothing holds this page: cache the prefix before it
+            locations.append(loc)
+        n = len(locations)
+        with self._lock:
+            unused = [new_device[i] for i in new_device if i >= n]
+            if unused:
+                self.pool.free(unused)
+            orphans = [new_host[i] for i in new_host if i >= n]
+            if orphans and self.host is not None:
+                self.host.discard_slots(orphans)
+            split = min(lossy_from, n)
+            result = None
+            if split:
+                result = self.tree.insert(
+                    tokens[: split * P], locations[:split], found.namespace, exact=True
+                )
+                self._free_duplicates(result.duplicates)
+            if n > split:
+                result = self.tree.insert(tokens[: n * P], locations, found.namespace, exact=False)
+                self._free_duplicates(result.duplicates)
+            if result is None:
+                return {}
+            staged = {i: t for i, t in staged.items() if i < n}
+            return self._queue_write_back(result.handle, tokens[: n * P], staged)
+
+    def _spill(
+        self,
+        spill: list[int],
+        export: Callable[[int, int], torch.Tensor],
+        ns: Namespace,
+        lossy_from: int,
+        match: MatchResult,
+    ) -> tuple[dict[int, int], dict[int, torch.Tensor]]:
+        """Write pages that found no device page to the host tier now (they exist nowhere
+        else). Returns their host slots and the pages themselves (for Redis write-back)."""
+        if not spill or self.host is None:
+            return {}, {}
+        staged: dict[int, torch.Tensor] = {}
+        for run in _runs(spill):
+            pages = export(run[0], len(run)).to(self.layout.dtype)
+            for j, i in enumerate(run):
+                staged[i] = pages[j]
+        stack = torch.stack([staged[i] for i in spill]).cpu()  # [n, L, 2, H, P, D]
+        blocks = self.host_codec.encode(stack)
+        parent = match.page_hashes[spill[0] - 1] if 0 < spill[0] <= match.num_pages else None
+        keys = [f"spill:{id(stack)}:{i}" for i in spill]
+        del parent, ns  # host keys only need to be unique while the slot lives
+        with self._lock:
+            self._make_host_room(len(spill))
+            try:
+                self.host.put_many(keys, blocks)
+            except CapacityError:
+                return {}, {}
+            slots = self.host.slots_of(keys)
+        return {i: s for i, s in zip(spill, slots, strict=True) if s is not None}, staged
+
+    def _make_host_room(self, n: int) -> None:
+        assert self.host is not None
+        short = n - self.host.num_free
+        if short > 0:
+            freed = self.tree.evict("host", short)
+            self.host.discard_slots([int(v) for v in freed.values])
+
+    def _free_duplicates(self, duplicates: Sequence[object]) -> None:
+        dev = [int(d.value) for d in duplicates if d.tier == "device"]  # type: ignore[attr-defined]
+        if dev:
+            self.pool.free(dev)
+
+    def _alloc(self, n: int) -> list[int]:
+        """Up to ``n`` device pages, evicting unlocked pages as the policy orders."""
+        short = n - self.pool.num_free
+        if short > 0:
+            evicted = self.tree.evict("device", short)
+            self.pool.free([int(v) for v in evicted.values])
+            if evicted.num_removed:
+                log.debug("dropped %d pages with no other copy", evicted.num_removed)
+        try:
+            return self.pool.alloc(min(n, self.pool.num_free))
+        except CapacityError:  # pragma: no cover - guarded by the min above
+            return []
+
+    def pin(self, tokens: Sequence[int], tenant: str) -> Handle | None:
+        """Lock the cached prefix of ``tokens`` (a tool-call wait); None if nothing is cached."""
+        with self._lock:
+            match = self.tree.match(list(tokens), self.namespace(tenant))
+            if not match.num_pages:
+                return None
+            self.tree.lock(match.handle)
+            return match.handle
+
+    def unpin(self, handle: Handle) -> None:
+        with self._lock:
+            self.tree.unlock(handle)
+
+    def release(self, found: Lookup) -> None:
+        if found.handle is not None:
+            with self._lock:
+                self.tree.unlock(found.handle)
+            found.handle = None
+
+    # ------------------------------------------------------------------ write-back
+
+    def _queue_write_back(
+        self, handle: Handle, tokens: list[int], staged: dict[int, torch.Tensor]
+    ) -> dict[str, int]:
+        if self._writeback is None:
+            return {}
+        pages = self.tree.pages(handle)
+        todo = [
+            p
+            for p in pages
+            if (p.location.device is not None or p.index in staged)
+            and (
+                (self.host is not None and p.location.host is None)
+                or (self.redis is not None and p.location.redis is None)
+            )
+        ]
+        if not todo:
+            return {}
+        self.tree.lock(handle)
+        job = WriteJob(
+            handle=handle,
+            pages=tuple(todo),
+            tokens=tokens,
+            staged={p.index: staged[p.index] for p in todo if p.index in staged},
+        )
+        self._writeback.submit(job)
+        out: dict[str, int] = {}
+        if self.host is not None:
+            out["host"] = len(todo) * self.host_codec.page_nbytes(self.layout)
+        if self.redis is not None:
+            out["redis"] = len(todo) * self.redis_codec.page_nbytes(self.layout)
+        return out
+
+    def _write_job(self, job: WriteJob) -> None:
+        """Runs on the write-back thread: encode the pages from the pool (they are locked, so
+        their device pages stay put), store them, record the new locations, unlock."""
+        try:
+            if self.host is not None:
+                self._write_host(job, [p for p in job.pages if p.location.host is None])
+            if self.redis is not None:
+                self._write_redis(job, [p for p in job.pages if p.location.redis is None])
+        except Exception:  # write-back must never take the runtime down
+            log.exception("write-back failed; pages stay on the device only")
+        finally:
+            with self._lock:
+                self.tree.unlock(job.handle)
+
+    def _encode(self, codec: Codec, pages: Sequence[PageInfo], job: WriteJob) -> torch.Tensor:
+        """[n, page_nbytes] uint8 on the host: from the pool (device pages are locked by the
+        job) or from the job's staged copies of pages that never reached the device."""
+        if all(p.index in job.staged for p in pages):
+            return codec.encode(torch.stack([job.staged[p.index] for p in pages])).cpu()
+        ids = self.pool.ids_tensor([int(p.location.device) for p in pages])  # type: ignore[arg-type]
+        return codec.encode_from_pool(self.pool.kv, ids, self.layout).cpu()
+
+    def _write_host(self, job: WriteJob, pages: Sequence[PageInfo]) -> None:
+        assert self.host is not None
+        if not pages:
+            return
+        blocks = self._encode(self.host_codec, pages, job)
+        keys = [storage_key(p.page_hash, self.host_codec.name, p.exact) for p in pages]
+        with self._lock:
+            self._make_host_room(len(pages))
+            try:
+                self.host.put_many(keys, blocks)
+            except CapacityError:
+                log.info("host tier full of locked pages; %d pages not written", len(pages))
+                return
+            slots = self.host.slots_of(keys)
+            updates = {p.index: s for p, s in zip(pages, slots, strict=True) if s is not None}
+            self.tree.set_location(job.handle, "host", updates)
+
+    def _write_redis(self, job: WriteJob, pages: Sequence[PageInfo]) -> None:
+        assert self.redis is not None
+        if not pages:
+            return
+        L = self.layout
+        blocks = self._encode(self.redis_codec, pages, job)
+        keys: list[str] = []
+        values: list[tuple[bytes, memoryview]] = []
+        for p, block in zip(pages, blocks, strict=True):
+            payload = memoryview(block.numpy())
+            keys.append(storage_key(p.page_hash, self.redis_codec.name, p.exact))
+            head = wire.encode_header(
+                codec=self.redis_codec.name,
+                dtype=dtype_name(L.dtype),
+                shape=L.page_shape,
+                layout=L.describe(),
+                tokens=job.tokens_of(p.index, L.page_size),
+                payload=payload,
+            )
+            values.append((head, payload))
+        stored = self.redis.put_many(list(zip(keys, values, strict=True)))
+        updates = {p.index: k for p, k, ok in zip(pages, keys, stored, strict=True) if ok}
+        if updates:
+            with self._lock:
+                self.tree.set_location(job.handle, "redis", updates)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until queued write-backs are done (tests, shutdown)."""
+        return self._writeback.flush(timeout_s) if self._writeback else True
+
+    def close(self) -> None:
+        if self._writeback is not None:
+            self._writeback.close()
+        if self.redis is not None:
+            self.redis.close()
+
+
+def _runs(indices: Sequence[int]) -> list[list[int]]:
+    """Split sorted page indices into runs of consecutive ones."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] + 1 == i:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs

@@ -1,0 +1,72 @@
+"""Background write-back: pages of finished turns go to the host tier and Redis on their own
+thread, so storing never blocks the next token."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvruntime.radix import Handle, PageInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    handle: Handle  # locked by the submitter; the job's runner unlocks it
+    pages: tuple[PageInfo, ...]
+    tokens: list[int]  # the committed tokens; page i is tokens[i*P:(i+1)*P]
+    # pages that never reached the device pool, by page index: [L, 2, H, P, D] each
+    staged: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def tokens_of(self, index: int, page_size: int) -> list[int]:
+        return self.tokens[index * page_size : (index + 1) * page_size]
+
+
+class WriteBack:
+    """One worker thread running ``run(job)`` for each submitted job, in order."""
+
+    def __init__(self, run: Callable[[WriteJob], None]) -> None:
+        self._run = run
+        self._queue: queue.Queue[WriteJob | None] = queue.Queue()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self._thread = threading.Thread(target=self._loop, name="kvr-writeback", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, job: WriteJob) -> None:
+        with self._idle:
+            self._pending += 1
+        self._queue.put(job)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every submitted job ran; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                self._run(job)
+            except Exception:  # the runner logs its own; keep the thread alive regardless
+                log.exception("write-back job failed")
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
