@@ -12,6 +12,7 @@ inserted as approximate, so an exact lookup never gets it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -119,6 +120,7 @@ class KVCache:
             wire.PREAMBLE_BYTES + 256 + 4 * layout.page_size + self.redis_codec.page_nbytes(layout)
         )
         self._writeback = WriteBack(self._write_job) if config.write_back else None
+        self._spill_ids = itertools.count()
 
     # ------------------------------------------------------------------ lookup
 
@@ -350,15 +352,15 @@ class KVCache:
             )
         # pages the device pool could not take spill straight to the host tier
         spill = [i for i in need[len(ids) :] if i >= len(known) or known[i] == PageLocation()]
-        new_host, staged = self._spill(spill, export, found.namespace, lossy_from, found.match)
+        spilled, staged = self._spill(spill, export, found, tokens, lossy_from)
         locations: list[PageLocation] = []
         redis_start = found.match.num_pages
         for i in range(total):
             loc = known[i] if i < len(known) else PageLocation()
             if i in new_device:
                 loc = loc._replace(device=new_device[i])
-            if i in new_host:
-                loc = loc._replace(host=new_host[i])
+            if i in spilled:
+                loc = loc._replace(host=spilled[i].host, redis=spilled[i].redis)
             if redis_start <= i < redis_start + len(found.redis_hashes) and loc.redis is None:
                 loc = loc._replace(redis=str(found.sources[i][1]))
             if loc == PageLocation():
@@ -369,7 +371,7 @@ class KVCache:
             unused = [new_device[i] for i in new_device if i >= n]
             if unused:
                 self.pool.free(unused)
-            orphans = [new_host[i] for i in new_host if i >= n]
+            orphans = [int(v.host) for i, v in spilled.items() if i >= n and v.host is not None]
             if orphans and self.host is not None:
                 self.host.discard_slots(orphans)
             split = min(lossy_from, n)
@@ -391,39 +393,75 @@ class KVCache:
         self,
         spill: list[int],
         export: Callable[[int, int], torch.Tensor],
-        ns: Namespace,
+        found: Lookup,
+        tokens: list[int],
         lossy_from: int,
-        match: MatchResult,
-    ) -> tuple[dict[int, int], dict[int, torch.Tensor]]:
-        """Write pages that found no device page to the host tier now (they exist nowhere
-        else). Returns their host slots and the pages themselves (for Redis write-back)."""
-        if not spill or self.host is None:
+    ) -> tuple[dict[int, PageLocation], dict[int, torch.Tensor]]:
+        """Store pages that found no device page (they exist nowhere else) in the host tier
+        now, and what the host cannot take in Redis now. Returns their locations and the
+        pages themselves (for Redis write-back of the host-held ones)."""
+        if not spill or (self.host is None and self.redis is None):
             return {}, {}
         staged: dict[int, torch.Tensor] = {}
         for run in _runs(spill):
-            pages = export(run[0], len(run)).to(self.layout.dtype)
+            pages = export(run[0], len(run)).to(self.layout.dtype).cpu()
             for j, i in enumerate(run):
-                staged[i] = pages[j]
-        stack = torch.stack([staged[i] for i in spill]).cpu()  # [n, L, 2, H, P, D]
-        blocks = self.host_codec.encode(stack)
-        parent = match.page_hashes[spill[0] - 1] if 0 < spill[0] <= match.num_pages else None
-        keys = [f"spill:{id(stack)}:{i}" for i in spill]
-        del parent, ns  # host keys only need to be unique while the slot lives
-        with self._lock:
-            self._make_host_room(len(spill))
-            try:
-                self.host.put_many(keys, blocks)
-            except CapacityError:
-                return {}, {}
-            slots = self.host.slots_of(keys)
-        return {i: s for i, s in zip(spill, slots, strict=True) if s is not None}, staged
+                staged[i] = pages[j]  # [L, 2, H, P, D]
+        placed: dict[int, PageLocation] = {}
+        if self.host is not None:
+            with self._lock:
+                take = spill[: self._make_host_room(len(spill))]
+                if take:
+                    blocks = self.host_codec.encode(torch.stack([staged[i] for i in take]))
+                    keys = [f"spill:{next(self._spill_ids)}" for _ in take]
+                    self.host.put_many(keys, blocks)
+                    for i, slot in zip(take, self.host.slots_of(keys), strict=True):
+                        placed[i] = PageLocation(host=slot)
+        rest = [i for i in spill if i not in placed]
+        if rest and self.redis is not None:
+            P = self.layout.page_size
+            hashes = chain_hashes(found.namespace, tokens[: (rest[-1] + 1) * P], P)
+            pages = [(i, hashes[i], i < lossy_from) for i in rest]
+            blocks = self.redis_codec.encode(torch.stack([staged[i] for i in rest]))
+            for i, key in self._store_redis(pages, blocks, tokens).items():
+                placed[i] = PageLocation(redis=key)
+        return placed, staged
 
-    def _make_host_room(self, n: int) -> None:
+    def _store_redis(
+        self, pages: Sequence[tuple[int, bytes, bool]], blocks: torch.Tensor, tokens: list[int]
+    ) -> dict[int, str]:
+        """Store pages (index, page hash, exact) already encoded with the Redis codec
+        (``blocks`` [n, page_nbytes] uint8 on the host) in the wire format; returns the keys
+        stored, by page index (none when the batch failed)."""
+        assert self.redis is not None
+        L = self.layout
+        items: list[tuple[str, bytes]] = []
+        for (i, page_hash, exact), block in zip(pages, blocks, strict=True):
+            payload = memoryview(block.numpy())
+            head = wire.encode_header(
+                codec=self.redis_codec.name,
+                dtype=dtype_name(L.dtype),
+                shape=L.page_shape,
+                layout=L.describe(),
+                tokens=tokens[i * L.page_size : (i + 1) * L.page_size],
+                payload=payload,
+            )
+            items.append(
+                (storage_key(page_hash, self.redis_codec.name, exact), head + payload.tobytes())
+            )
+        # the tier reports a count: trust locations only when the whole batch was stored
+        if self.redis.put_many(items) != len(items):
+            return {}
+        return {i: key for (i, _, _), (key, _) in zip(pages, items, strict=True)}
+
+    def _make_host_room(self, n: int) -> int:
+        """Evict host copies (policy order) until ``n`` slots are free; returns free slots."""
         assert self.host is not None
         short = n - self.host.num_free
         if short > 0:
             freed = self.tree.evict("host", short)
             self.host.discard_slots([int(v) for v in freed.values])
+        return min(n, self.host.num_free)
 
     def _free_duplicates(self, duplicates: Sequence[object]) -> None:
         dev = [int(d.value) for d in duplicates if d.tier == "device"]  # type: ignore[attr-defined]
@@ -513,10 +551,16 @@ class KVCache:
     def _encode(self, codec: Codec, pages: Sequence[PageInfo], job: WriteJob) -> torch.Tensor:
         """[n, page_nbytes] uint8 on the host: from the pool (device pages are locked by the
         job) or from the job's staged copies of pages that never reached the device."""
-        if all(p.index in job.staged for p in pages):
-            return codec.encode(torch.stack([job.staged[p.index] for p in pages])).cpu()
-        ids = self.pool.ids_tensor([int(p.location.device) for p in pages])  # type: ignore[arg-type]
-        return codec.encode_from_pool(self.pool.kv, ids, self.layout).cpu()
+        out = torch.empty((len(pages), codec.page_nbytes(self.layout)), dtype=torch.uint8)
+        staged = [j for j, p in enumerate(pages) if p.index in job.staged]
+        pooled = [j for j, p in enumerate(pages) if p.index not in job.staged]
+        if staged:
+            stack = torch.stack([job.staged[pages[j].index] for j in staged])
+            out[staged] = codec.encode(stack).cpu()
+        if pooled:
+            ids = self.pool.ids_tensor([int(pages[j].location.device) for j in pooled])  # type: ignore[arg-type]
+            out[pooled] = codec.encode_from_pool(self.pool.kv, ids, self.layout).cpu()
+        return out
 
     def _write_host(self, job: WriteJob, pages: Sequence[PageInfo]) -> None:
         assert self.host is not None
@@ -539,27 +583,13 @@ class KVCache:
         assert self.redis is not None
         if not pages:
             return
-        L = self.layout
         blocks = self._encode(self.redis_codec, pages, job)
-        keys: list[str] = []
-        values: list[tuple[bytes, memoryview]] = []
-        for p, block in zip(pages, blocks, strict=True):
-            payload = memoryview(block.numpy())
-            keys.append(storage_key(p.page_hash, self.redis_codec.name, p.exact))
-            head = wire.encode_header(
-                codec=self.redis_codec.name,
-                dtype=dtype_name(L.dtype),
-                shape=L.page_shape,
-                layout=L.describe(),
-                tokens=job.tokens_of(p.index, L.page_size),
-                payload=payload,
-            )
-            values.append((head, payload))
-        stored = self.redis.put_many(list(zip(keys, values, strict=True)))
-        updates = {p.index: k for p, k, ok in zip(pages, keys, stored, strict=True) if ok}
-        if updates:
+        stored = self._store_redis(
+            [(p.index, p.page_hash, p.exact) for p in pages], blocks, job.tokens
+        )
+        if stored:
             with self._lock:
-                self.tree.set_location(job.handle, "redis", updates)
+                self.tree.set_location(job.handle, "redis", dict(stored))
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until queued write-backs are done (tests, shutdown)."""
