@@ -106,7 +106,7 @@ class KVCache:
         if config.has_host_tier:
             block = self.host_codec.page_nbytes(layout)
             if config.host_kv_bytes >= block:
-                self.host = HostTier(HostTierConfig(config.host_kv_bytes, block))
+                self.host = HostTier(HostTierConfig(config.host_kv_bytes, block, self_evict=False))
         self.redis: RedisTier | None = None
         if config.redis_url is not None:
             from kvruntime.store.redis_tier import RedisTier, RedisTierConfig
@@ -569,14 +569,14 @@ class KVCache:
         blocks = self._encode(self.host_codec, pages, job)
         keys = [storage_key(p.page_hash, self.host_codec.name, p.exact) for p in pages]
         with self._lock:
-            self._make_host_room(len(pages))
-            try:
-                self.host.put_many(keys, blocks)
-            except CapacityError:
-                log.info("host tier full of locked pages; %d pages not written", len(pages))
+            room = self._make_host_room(len(pages))
+            if room < len(pages):
+                log.info("host tier full of locked pages; %d pages not written", len(pages) - room)
+            if not room:
                 return
-            slots = self.host.slots_of(keys)
-            updates = {p.index: s for p, s in zip(pages, slots, strict=True) if s is not None}
+            self.host.put_many(keys[:room], blocks[:room])
+            slots = self.host.slots_of(keys[:room])
+            updates = {p.index: s for p, s in zip(pages, slots, strict=False) if s is not None}
             self.tree.set_location(job.handle, "host", updates)
 
     def _write_redis(self, job: WriteJob, pages: Sequence[PageInfo]) -> None:

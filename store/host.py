@@ -22,6 +22,9 @@ class HostTierConfig:
     capacity_bytes: int
     block_bytes: int
     pin_memory: bool | None = None  # None: pin when CUDA is available
+    # False: never evict on its own (an index outside decides what leaves); a put that does
+    # not fit raises CapacityError instead
+    self_evict: bool = True
 
     def __post_init__(self) -> None:
         if self.block_bytes <= 0:
@@ -87,7 +90,7 @@ class HostTier:
         if len(keys) != blocks.shape[0]:
             raise ValueError(f"{len(keys)} keys for {blocks.shape[0]} blocks")
         new = [i for i, k in enumerate(keys) if k not in self._slot_of]
-        evictable = len(self._slot_of) - len(self._pinned_keys)
+        evictable = len(self._slot_of) - len(self._pinned_keys) if self.config.self_evict else 0
         if len(new) > len(self._free) + evictable:
             raise CapacityError(
                 f"host tier holds {self.config.num_slots} pages; {len(new)} new pages do not fit"
