@@ -25,7 +25,7 @@ import torch
 from kvruntime import kernels
 from kvruntime.config import RuntimeConfig
 from kvruntime.cost import CostModel, Decision
-from kvruntime.errors import CapacityError, CorruptPage
+from kvruntime.errors import BadRequest, CapacityError, CorruptPage
 from kvruntime.kernels.layout import PageLayout, dtype_name
 from kvruntime.radix import (
     Handle,
@@ -375,6 +375,8 @@ class KVCache:
             if orphans and self.host is not None:
                 self.host.discard_slots(orphans)
             split = min(lossy_from, n)
+            if split:
+                split = self._upgrade(tokens[: split * P], found.namespace, split)
             result = None
             if split:
                 result = self.tree.insert(
@@ -453,6 +455,28 @@ class KVCache:
         if self.redis.put_many(items) != len(items):
             return {}
         return {i: key for (i, _, _), (key, _) in zip(pages, items, strict=True)}
+
+    def _upgrade(self, tokens: list[int], ns: Namespace, split: int) -> int:
+        """Exact KV replaces approximate KV cached for the same tokens: drop the approximate
+        pages (and everything below them) so the exact ones can take their place. Returns how
+        many leading pages may be inserted as exact (fewer when approximate ones are locked)."""
+        current = self.tree.match(tokens, ns)
+        if current.num_exact >= min(current.num_pages, split):
+            return split
+        try:
+            dropped = self.tree.remove(current.handle, current.num_exact)
+        except BadRequest:  # another turn is using them right now
+            return current.num_exact
+        self._release_copies(dropped)
+        return split
+
+    def _release_copies(self, pages: Sequence[PageInfo]) -> None:
+        device = [int(p.location.device) for p in pages if p.location.device is not None]
+        if device:
+            self.pool.free(device)
+        host = [int(p.location.host) for p in pages if p.location.host is not None]
+        if host and self.host is not None:
+            self.host.discard_slots(host)
 
     def _make_host_room(self, n: int) -> int:
         """Evict host copies (policy order) until ``n`` slots are free; returns free slots."""
