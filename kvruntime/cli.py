@@ -16,6 +16,7 @@ def _demo(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         max_tokens=args.max_tokens,
         jsonl=args.jsonl,
+        turns=args.turns,
     )
 
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         " 'none' disables the Redis tier",
     )  # fmt: skip
     demo.add_argument("--max-tokens", type=int, default=24)
+    demo.add_argument("--turns", type=int, default=4, choices=range(1, 5), metavar="1-4")
     demo.add_argument("--jsonl", default=None, help="also write per-turn analytics here")
     demo.set_defaults(func=_demo)
     return parser

@@ -50,6 +50,8 @@ class TurnRequest:
     exact_only: bool = False
     previous_prompt: Sequence[int] | None = None
     on_token: OnToken | None = None
+    reuse: bool = True  # False: recompute this turn and cache nothing (a baseline)
+    record: bool = True  # False: leave this turn out of analytics (a baseline)
 
 
 class Runtime:
@@ -206,7 +208,7 @@ class Runtime:
         self.pins.expire()
         t0 = clock()
         found: Lookup | None = None
-        if self.config.reuse:
+        if self.config.reuse and req.reuse:
             found = self.cache.lookup(req.tokens, req.tenant, exact_only=req.exact_only)
         t_match = clock()
         try:
@@ -254,6 +256,9 @@ class Runtime:
             total_s=t_done - submitted,
         )
         usage = Usage(len(req.tokens), len(tokens), cached, by_tier)
+        result = ChatResult(text, tokens, usage, timings, finish, req.turn, req.session_id)
+        if not req.record:
+            return result
         divergence = None
         if req.previous_prompt is not None:
             divergence = find_divergence(req.previous_prompt, req.tokens, self._detok)
@@ -274,7 +279,7 @@ class Runtime:
                 divergence=divergence,
             )
         )
-        return ChatResult(text, tokens, usage, timings, finish, req.turn, req.session_id)
+        return result
 
     def _decode(self, state: Any, req: TurnRequest) -> tuple[list[int], str, str, float]:
         p = req.params
