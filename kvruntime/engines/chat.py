@@ -12,6 +12,7 @@ Rendering is deterministic: the same messages and tools always give the same tok
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -123,10 +124,8 @@ def fold_tool_calls(msg: dict[str, Any]) -> dict[str, Any]:
         fn = call.get("function", call)
         args = fn.get("arguments", {})
         if isinstance(args, str):  # OpenAI sends arguments as a JSON string
-            try:
+            with contextlib.suppress(ValueError):
                 args = json.loads(args)
-            except ValueError:
-                pass
         body = json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False)
         lines.append(f"<tool_call>\n{body}\n</tool_call>")
     content = "\n".join([msg["content"], *lines] if msg.get("content") else lines)

@@ -143,7 +143,9 @@ def load_model(
     kwargs: dict[str, Any] = {"local_files_only": True}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype or "auto", **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype or "auto", **kwargs
+        )
     except OSError as exc:
         raise UnknownName(
             f"model {name_or_path!r} is not a model alias (known: {', '.join(MODELS)}), a local"
@@ -201,7 +203,7 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         # [numel * itemsize] uint8 on the CPU; bf16 has no numpy dtype, bytes do
         flat = t.reshape(-1).contiguous().cpu().view(torch.uint8)
-        h.update(memoryview(flat.numpy()))
+        h.update(flat.numpy().data)
     return h.hexdigest()
 
 
@@ -230,7 +232,7 @@ def convert_gguf(gguf: Path, name: str, root: Path, progress: Progress = stderr_
         progress(f"first load of {name}: converting {gguf.name} once (~20 s); 1/3 tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         progress(f"2/3 dequantizing weights of {name}")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The dequantized weights are plain tensors; dropping the GGUF quantizer record lets
         # save_pretrained write them as ordinary safetensors.
         model.hf_quantizer = None
@@ -251,7 +253,8 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` into a fresh sibling directory, then rename it to ``target``.
 
     If ``write`` raises, nothing is left behind. Temporary directories of dead processes on this
-    host (killed loads) are removed first. If ``target`` appeared meanwhile, it is kept.
+    host (killed loads) are removed first. If a complete ``target`` (with its marker) appeared
+    meanwhile, it is kept and ours is dropped.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_dead_tmp(target)
@@ -262,8 +265,11 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / MARKER).is_file():
-                raise
+            if (target / MARKER).is_file():
+                return  # another process finished first; its copy is complete
+            # Not ours and not complete (we only ever rename complete copies): replace it.
+            shutil.rmtree(target)
+            tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -294,6 +300,8 @@ def _resolve_source(name_or_path: str, root: Path, progress: Progress) -> tuple[
     if path.is_file() and path.suffix == ".gguf":
         return path.stem, str(convert_gguf(path, path.stem, root, progress))
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownName(f"{path} has no config.json: not a transformers model directory")
         return path.name, str(path)
     return name_or_path, name_or_path  # a hub id: from_pretrained looks in the local cache only
 

@@ -34,7 +34,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.prefill_chunk_tokens <= 0:
             raise ConfigError(
-                f"EngineConfig.prefill_chunk_tokens must be positive, got {self.prefill_chunk_tokens}"
+                "EngineConfig.prefill_chunk_tokens must be positive,"
+                f" got {self.prefill_chunk_tokens}"
             )
 
 
@@ -126,8 +127,9 @@ class TransformersEngine(Engine):
         stops: frozenset[int],
         generator: torch.Generator | None,
     ) -> Iterator[GeneratedToken]:
+        token = -1
         for i in range(max_tokens):
-            if i:
+            if i:  # feed the token yielded last, now that the consumer wants another
                 with torch.inference_mode():
                     st.logits = self._forward(st.cache, [token], st.num_tokens)
                 st.token_ids.append(token)
@@ -163,7 +165,8 @@ class TransformersEngine(Engine):
         pages, (L, H, D) = past.pages, self.layout
         if pages.dim() != 6 or pages.shape[1:4] != (L, 2, H) or pages.shape[5] != D:
             raise BadRequest(
-                f"KV pages must be [n, {L}, 2, {H}, P, {D}] for this model, got {tuple(pages.shape)}"
+                f"KV pages must be [n, {L}, 2, {H}, P, {D}] for this model,"
+                f" got {tuple(pages.shape)}"
             )
         if pages.dtype != self.dtype:
             raise BadRequest(f"KV pages are {pages.dtype}; this engine computes {self.dtype}")
