@@ -29,9 +29,5 @@ def test_demo_runs_agents_and_reports_reuse(tmp_path: Path) -> None:
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(records) == 6  # baselines are left out of analytics
     assert sum(r["cached_tokens"] for r in records) > 0.5 * sum(r["prompt_tokens"] for r in records)
-    tiers = json.loads(
-        out.strip().splitlines()[-1]
-        if out.strip().splitlines()[-1].startswith("{")
-        else [line for line in out.splitlines() if line.startswith("{")][0]
-    )
+    tiers = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert tiers["tiers"]["redis"]["puts"] > 0
