@@ -39,7 +39,7 @@ from kvruntime.radix import (
 )
 from kvruntime.radix import page_hashes as chain_hashes
 from kvruntime.results import TIERS
-from kvruntime.store import wire
+from kvruntime.store.wire import PREAMBLE_BYTES, decode_page, encode_header
 from kvruntime.store.codec import Codec, get_codec
 from kvruntime.store.host import HostTier, HostTierConfig
 from kvruntime.store.pool import DevicePagePool, PoolConfig
@@ -117,7 +117,7 @@ class KVCache:
                 )
             )
         self._redis_value_bytes = (
-            wire.PREAMBLE_BYTES + 256 + 4 * layout.page_size + self.redis_codec.page_nbytes(layout)
+            PREAMBLE_BYTES + 256 + 4 * layout.page_size + self.redis_codec.page_nbytes(layout)
         )
         self._writeback = WriteBack(self._write_job) if config.write_back else None
         self._spill_ids = itertools.count()
@@ -282,7 +282,7 @@ class KVCache:
         P = L.page_size
         keys = [str(found.sources[i][1]) for i in idx]
         buf = torch.empty((len(keys), self._redis_value_bytes), dtype=torch.uint8)
-        views = [memoryview(buf[j].numpy()) for j in range(len(keys))]
+        views = [buf[j].numpy().data for j in range(len(keys))]
         sizes = self.redis.get_into(keys, views)
         blocks = torch.empty((len(keys), self.redis_codec.page_nbytes(L)), dtype=torch.uint8)
         ok = 0
@@ -290,7 +290,7 @@ class KVCache:
             if size is None:
                 break
             try:
-                payload = wire.decode_page(
+                payload = decode_page(
                     views[j][:size],
                     codec=self.redis_codec.name,
                     dtype=dtype_name(L.dtype),
@@ -423,9 +423,9 @@ class KVCache:
         if rest and self.redis is not None:
             P = self.layout.page_size
             hashes = chain_hashes(found.namespace, tokens[: (rest[-1] + 1) * P], P)
-            pages = [(i, hashes[i], i < lossy_from) for i in rest]
+            meta = [(i, hashes[i], i < lossy_from) for i in rest]
             blocks = self.redis_codec.encode(torch.stack([staged[i] for i in rest]))
-            for i, key in self._store_redis(pages, blocks, tokens).items():
+            for i, key in self._store_redis(meta, blocks, tokens).items():
                 placed[i] = PageLocation(redis=key)
         return placed, staged
 
@@ -440,7 +440,7 @@ class KVCache:
         items: list[tuple[str, bytes]] = []
         for (i, page_hash, exact), block in zip(pages, blocks, strict=True):
             payload = memoryview(block.numpy())
-            head = wire.encode_header(
+            head = encode_header(
                 codec=self.redis_codec.name,
                 dtype=dtype_name(L.dtype),
                 shape=L.page_shape,

