@@ -39,10 +39,10 @@ from kvruntime.radix import (
 )
 from kvruntime.radix import page_hashes as chain_hashes
 from kvruntime.results import TIERS
-from kvruntime.store.wire import PREAMBLE_BYTES, decode_page, encode_header
 from kvruntime.store.codec import Codec, get_codec
 from kvruntime.store.host import HostTier, HostTierConfig
 from kvruntime.store.pool import DevicePagePool, PoolConfig
+from kvruntime.store.wire import PREAMBLE_BYTES, decode_page, encode_header
 from kvruntime.writeback import WriteBack, WriteJob
 
 if TYPE_CHECKING:
