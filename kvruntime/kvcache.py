@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvruntime import kernels
 from kvruntime.config import RuntimeConfig
 from kvruntime.cost import CostModel, Decision
 from kvruntime.errors import BadRequest, CapacityError, CorruptPage
+from kvruntime.kernels import gather_pages, scatter_pages
 from kvruntime.kernels.layout import PageLayout, dtype_name
 from kvruntime.radix import (
     Handle,
@@ -249,7 +249,7 @@ class KVCache:
                 tmp = torch.empty(
                     (len(idx), *L.page_shape), dtype=L.dtype, device=self.pool.kv.device
                 )
-                kernels.gather_pages(self.pool.kv, ids, tmp)
+                gather_pages(self.pool.kv, ids, tmp)
                 out[idx] = tmp.to(device=device, dtype=dtype)
                 bytes_by["device"] += len(idx) * L.page_nbytes
             if by_tier["host"] and self.host is not None:
@@ -347,9 +347,7 @@ class KVCache:
         for run in _runs(need[: len(ids)]):
             pages = export(run[0], len(run))
             dst = self.pool.ids_tensor([new_device[j] for j in run])
-            kernels.scatter_pages(
-                pages.to(self.pool.kv.device, self.layout.dtype), dst, self.pool.kv
-            )
+            scatter_pages(pages.to(self.pool.kv.device, self.layout.dtype), dst, self.pool.kv)
         # pages the device pool could not take spill straight to the host tier
         spill = [i for i in need[len(ids) :] if i >= len(known) or known[i] == PageLocation()]
         spilled, staged = self._spill(spill, export, found, tokens, lossy_from)
@@ -582,7 +580,8 @@ class KVCache:
             stack = torch.stack([job.staged[pages[j].index] for j in staged])
             out[staged] = codec.encode(stack).cpu()
         if pooled:
-            ids = self.pool.ids_tensor([int(pages[j].location.device) for j in pooled])  # type: ignore[arg-type]
+            device = [pages[j].location.device for j in pooled]
+            ids = self.pool.ids_tensor([d for d in device if d is not None])  # locked: all set
             out[pooled] = codec.encode_from_pool(self.pool.kv, ids, self.layout).cpu()
         return out
 
