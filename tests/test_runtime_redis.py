@@ -92,3 +92,33 @@ def test_dead_redis_costs_reuse_not_turns(
         rt.cache.flush(10)
         assert rt.tier_usage()["redis"]["errors"]
         assert s.chat(MSGS, max_tokens=6).token_ids == want
+
+
+def test_a_tier_slower_than_recompute_is_not_used(
+    server: RedisServer,
+    tiny_engine: TransformersEngine,  # noqa: F811
+    tiny: LoadedModel,  # noqa: F811
+) -> None:
+    fields = dict(redis_url=server.url, redis_codec="none", host_kv_bytes=0)
+    with runtime(tiny_engine, tiny, **fields) as first:
+        first.session().chat(MSGS, max_tokens=2)
+        assert first.cache.flush(10)
+    # 1 KB/s: restoring ~200 pages from Redis would take minutes, recomputing milliseconds
+    with runtime(tiny_engine, tiny, redis_bytes_per_s=1e3, **fields) as slow:
+        r = slow.session().chat(MSGS, max_tokens=2)
+        assert r.usage.cached_tokens == 0
+        decisions = slow.analytics.records()[-1].decisions
+        assert [d["tier"] for d in decisions] == ["redis"]
+        assert decisions[0]["action"] == "recompute"
+        assert decisions[0]["restore_s"] > decisions[0]["recompute_s"]
+
+
+def test_calibration_measures_prefill_and_host_rates(
+    tiny_engine: TransformersEngine,  # noqa: F811
+    tiny: LoadedModel,  # noqa: F811
+) -> None:
+    with Runtime(tiny_engine, tiny.tokenizer, RuntimeConfig(page_size=4)) as rt:
+        assert rt.cost.prefill_tokens_per_s > 10
+        assert rt.cost.tiers["host"].bytes_per_s > 1e6
+        r = rt.session().chat(MSGS, max_tokens=1)
+        assert r.usage.prompt_tokens > 0
