@@ -12,9 +12,7 @@ inserted as approximate, so an exact lookup never gets it.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,29 +22,23 @@ import torch
 
 from kvruntime.config import RuntimeConfig
 from kvruntime.cost import CostModel, Decision
-from kvruntime.errors import BadRequest, CapacityError, CorruptPage
+from kvruntime.errors import BadRequest, CorruptPage
 from kvruntime.kernels import gather_pages, scatter_pages
 from kvruntime.kernels.layout import PageLayout, dtype_name
 from kvruntime.radix import (
     Handle,
     MatchResult,
     Namespace,
-    PageInfo,
     PageLocation,
-    RadixConfig,
-    RadixTree,
     storage_key,
 )
 from kvruntime.radix import page_hashes as chain_hashes
 from kvruntime.results import TIERS
-from kvruntime.store.codec import Codec, get_codec
-from kvruntime.store.host import HostTier, HostTierConfig
-from kvruntime.store.pool import DevicePagePool, PoolConfig
-from kvruntime.store.wire import PREAMBLE_BYTES, decode_page, encode_header
-from kvruntime.writeback import WriteBack, WriteJob
+from kvruntime.store.wire import decode_page
+from kvruntime.tiers import Tiers
 
 if TYPE_CHECKING:
-    from kvruntime.store.redis_tier import RedisTier
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -95,32 +87,12 @@ class KVCache:
         self.config = config
         self.cost = cost
         self._clock = clock
-        self._lock = threading.RLock()
-        self.tree = RadixTree(RadixConfig(layout.page_size, config.eviction_policy), clock=clock)
-        self.pool = DevicePagePool(
-            PoolConfig.from_budget(layout, config.device_kv_bytes, config.device)
-        )
-        self.host_codec: Codec = get_codec(config.host_codec)
-        self.redis_codec: Codec = get_codec(config.redis_codec)
-        self.host: HostTier | None = None
-        if config.has_host_tier:
-            block = self.host_codec.page_nbytes(layout)
-            if config.host_kv_bytes >= block:
-                self.host = HostTier(HostTierConfig(config.host_kv_bytes, block, self_evict=False))
-        self.redis: RedisTier | None = None
-        if config.redis_url is not None:
-            from kvruntime.store.redis_tier import RedisTier, RedisTierConfig
-
-            self.redis = RedisTier(
-                RedisTierConfig(
-                    url=config.redis_url, namespace=config.redis_namespace, ttl_s=config.redis_ttl_s
-                )
-            )
-        self._redis_value_bytes = (
-            PREAMBLE_BYTES + 256 + 4 * layout.page_size + self.redis_codec.page_nbytes(layout)
-        )
-        self._writeback = WriteBack(self._write_job) if config.write_back else None
-        self._spill_ids = itertools.count()
+        self.tiers = Tiers(layout, config, clock)
+        # the same objects, named here for the turn's code and for tests
+        self.tree, self.pool = self.tiers.tree, self.tiers.pool
+        self.host, self.redis = self.tiers.host, self.tiers.redis
+        self.host_codec, self.redis_codec = self.tiers.host_codec, self.tiers.redis_codec
+        self._lock = self.tiers.lock
 
     # ------------------------------------------------------------------ lookup
 
@@ -281,7 +253,7 @@ class KVCache:
         L = self.layout
         P = L.page_size
         keys = [str(found.sources[i][1]) for i in idx]
-        buf = torch.empty((len(keys), self._redis_value_bytes), dtype=torch.uint8)
+        buf = torch.empty((len(keys), self.tiers.redis_value_bytes), dtype=torch.uint8)
         views = [buf[j].numpy().data for j in range(len(keys))]
         sizes = self.redis.get_into(keys, views)
         blocks = torch.empty((len(keys), self.redis_codec.page_nbytes(L)), dtype=torch.uint8)
@@ -342,7 +314,7 @@ class KVCache:
                 continue  # an exact page restored lossily: its lower-tier copy stays
             need.append(i)
         with self._lock:
-            ids = self._alloc(len(need))
+            ids = self.tiers.alloc(len(need))
         new_device = dict(zip(need, ids, strict=False))
         for run in _runs(need[: len(ids)]):
             pages = export(run[0], len(run))
@@ -380,14 +352,14 @@ class KVCache:
                 result = self.tree.insert(
                     tokens[: split * P], locations[:split], found.namespace, exact=True
                 )
-                self._free_duplicates(result.duplicates)
+                self.tiers.free_duplicates(result.duplicates)
             if n > split:
                 result = self.tree.insert(tokens[: n * P], locations, found.namespace, exact=False)
-                self._free_duplicates(result.duplicates)
+                self.tiers.free_duplicates(result.duplicates)
             if result is None:
                 return {}
             staged = {i: t for i, t in staged.items() if i < n}
-            return self._queue_write_back(result.handle, tokens[: n * P], staged)
+            return self.tiers.queue_write_back(result.handle, tokens[: n * P], staged)
 
     def _spill(
         self,
@@ -410,10 +382,10 @@ class KVCache:
         placed: dict[int, PageLocation] = {}
         if self.host is not None:
             with self._lock:
-                take = spill[: self._make_host_room(len(spill))]
+                take = spill[: self.tiers.make_host_room(len(spill))]
                 if take:
                     blocks = self.host_codec.encode(torch.stack([staged[i] for i in take]))
-                    keys = [f"spill:{next(self._spill_ids)}" for _ in take]
+                    keys = [f"spill:{next(self.tiers.spill_ids)}" for _ in take]
                     self.host.put_many(keys, blocks)
                     for i, slot in zip(take, self.host.slots_of(keys), strict=True):
                         placed[i] = PageLocation(host=slot)
@@ -423,36 +395,9 @@ class KVCache:
             hashes = chain_hashes(found.namespace, tokens[: (rest[-1] + 1) * P], P)
             meta = [(i, hashes[i], i < lossy_from) for i in rest]
             blocks = self.redis_codec.encode(torch.stack([staged[i] for i in rest]))
-            for i, key in self._store_redis(meta, blocks, tokens).items():
+            for i, key in self.tiers.store_redis(meta, blocks, tokens).items():
                 placed[i] = PageLocation(redis=key)
         return placed, staged
-
-    def _store_redis(
-        self, pages: Sequence[tuple[int, bytes, bool]], blocks: torch.Tensor, tokens: list[int]
-    ) -> dict[int, str]:
-        """Store pages (index, page hash, exact) already encoded with the Redis codec
-        (``blocks`` [n, page_nbytes] uint8 on the host) in the wire format; returns the keys
-        stored, by page index (none when the batch failed)."""
-        assert self.redis is not None
-        L = self.layout
-        items: list[tuple[str, bytes]] = []
-        for (i, page_hash, exact), block in zip(pages, blocks, strict=True):
-            payload = memoryview(block.numpy())
-            head = encode_header(
-                codec=self.redis_codec.name,
-                dtype=dtype_name(L.dtype),
-                shape=L.page_shape,
-                layout=L.describe(),
-                tokens=tokens[i * L.page_size : (i + 1) * L.page_size],
-                payload=payload,
-            )
-            items.append(
-                (storage_key(page_hash, self.redis_codec.name, exact), head + payload.tobytes())
-            )
-        # the tier reports a count: trust locations only when the whole batch was stored
-        if self.redis.put_many(items) != len(items):
-            return {}
-        return {i: key for (i, _, _), (key, _) in zip(pages, items, strict=True)}
 
     def _upgrade(self, tokens: list[int], ns: Namespace, split: int) -> int:
         """Exact KV replaces approximate KV cached for the same tokens: drop the approximate
@@ -465,43 +410,8 @@ class KVCache:
             dropped = self.tree.remove(current.handle, current.num_exact)
         except BadRequest:  # another turn is using them right now
             return current.num_exact
-        self._release_copies(dropped)
+        self.tiers.release_copies(dropped)
         return split
-
-    def _release_copies(self, pages: Sequence[PageInfo]) -> None:
-        device = [int(p.location.device) for p in pages if p.location.device is not None]
-        if device:
-            self.pool.free(device)
-        host = [int(p.location.host) for p in pages if p.location.host is not None]
-        if host and self.host is not None:
-            self.host.discard_slots(host)
-
-    def _make_host_room(self, n: int) -> int:
-        """Evict host copies (policy order) until ``n`` slots are free; returns free slots."""
-        assert self.host is not None
-        short = n - self.host.num_free
-        if short > 0:
-            freed = self.tree.evict("host", short)
-            self.host.discard_slots([int(v) for v in freed.values])
-        return min(n, self.host.num_free)
-
-    def _free_duplicates(self, duplicates: Sequence[object]) -> None:
-        dev = [int(d.value) for d in duplicates if d.tier == "device"]  # type: ignore[attr-defined]
-        if dev:
-            self.pool.free(dev)
-
-    def _alloc(self, n: int) -> list[int]:
-        """Up to ``n`` device pages, evicting unlocked pages as the policy orders."""
-        short = n - self.pool.num_free
-        if short > 0:
-            evicted = self.tree.evict("device", short)
-            self.pool.free([int(v) for v in evicted.values])
-            if evicted.num_removed:
-                log.debug("dropped %d pages with no other copy", evicted.num_removed)
-        try:
-            return self.pool.alloc(min(n, self.pool.num_free))
-        except CapacityError:  # pragma: no cover - guarded by the min above
-            return []
 
     def pin(self, tokens: Sequence[int], tenant: str) -> Handle | None:
         """Lock the cached prefix of ``tokens`` (a tool-call wait); None if nothing is cached."""
@@ -522,107 +432,12 @@ class KVCache:
                 self.tree.unlock(found.handle)
             found.handle = None
 
-    # ------------------------------------------------------------------ write-back
-
-    def _queue_write_back(
-        self, handle: Handle, tokens: list[int], staged: dict[int, torch.Tensor]
-    ) -> dict[str, int]:
-        if self._writeback is None:
-            return {}
-        pages = self.tree.pages(handle)
-        todo = [
-            p
-            for p in pages
-            if (p.location.device is not None or p.index in staged)
-            and (
-                (self.host is not None and p.location.host is None)
-                or (self.redis is not None and p.location.redis is None)
-            )
-        ]
-        if not todo:
-            return {}
-        self.tree.lock(handle)
-        job = WriteJob(
-            handle=handle,
-            pages=tuple(todo),
-            tokens=tokens,
-            staged={p.index: staged[p.index] for p in todo if p.index in staged},
-        )
-        self._writeback.submit(job)
-        out: dict[str, int] = {}
-        if self.host is not None:
-            out["host"] = len(todo) * self.host_codec.page_nbytes(self.layout)
-        if self.redis is not None:
-            out["redis"] = len(todo) * self.redis_codec.page_nbytes(self.layout)
-        return out
-
-    def _write_job(self, job: WriteJob) -> None:
-        """Runs on the write-back thread: encode the pages from the pool (they are locked, so
-        their device pages stay put), store them, record the new locations, unlock."""
-        try:
-            if self.host is not None:
-                self._write_host(job, [p for p in job.pages if p.location.host is None])
-            if self.redis is not None:
-                self._write_redis(job, [p for p in job.pages if p.location.redis is None])
-        except Exception:  # write-back must never take the runtime down
-            log.exception("write-back failed; pages stay on the device only")
-        finally:
-            with self._lock:
-                self.tree.unlock(job.handle)
-
-    def _encode(self, codec: Codec, pages: Sequence[PageInfo], job: WriteJob) -> torch.Tensor:
-        """[n, page_nbytes] uint8 on the host: from the pool (device pages are locked by the
-        job) or from the job's staged copies of pages that never reached the device."""
-        out = torch.empty((len(pages), codec.page_nbytes(self.layout)), dtype=torch.uint8)
-        staged = [j for j, p in enumerate(pages) if p.index in job.staged]
-        pooled = [j for j, p in enumerate(pages) if p.index not in job.staged]
-        if staged:
-            stack = torch.stack([job.staged[pages[j].index] for j in staged])
-            out[staged] = codec.encode(stack).cpu()
-        if pooled:
-            device = [pages[j].location.device for j in pooled]
-            ids = self.pool.ids_tensor([d for d in device if d is not None])  # locked: all set
-            out[pooled] = codec.encode_from_pool(self.pool.kv, ids, self.layout).cpu()
-        return out
-
-    def _write_host(self, job: WriteJob, pages: Sequence[PageInfo]) -> None:
-        assert self.host is not None
-        if not pages:
-            return
-        blocks = self._encode(self.host_codec, pages, job)
-        keys = [storage_key(p.page_hash, self.host_codec.name, p.exact) for p in pages]
-        with self._lock:
-            room = self._make_host_room(len(pages))
-            if room < len(pages):
-                log.info("host tier full of locked pages; %d pages not written", len(pages) - room)
-            if not room:
-                return
-            self.host.put_many(keys[:room], blocks[:room])
-            slots = self.host.slots_of(keys[:room])
-            updates = {p.index: s for p, s in zip(pages, slots, strict=False) if s is not None}
-            self.tree.set_location(job.handle, "host", updates)
-
-    def _write_redis(self, job: WriteJob, pages: Sequence[PageInfo]) -> None:
-        assert self.redis is not None
-        if not pages:
-            return
-        blocks = self._encode(self.redis_codec, pages, job)
-        stored = self._store_redis(
-            [(p.index, p.page_hash, p.exact) for p in pages], blocks, job.tokens
-        )
-        if stored:
-            with self._lock:
-                self.tree.set_location(job.handle, "redis", dict(stored))
-
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until queued write-backs are done (tests, shutdown)."""
-        return self._writeback.flush(timeout_s) if self._writeback else True
+        return self.tiers.flush(timeout_s)
 
     def close(self) -> None:
-        if self._writeback is not None:
-            self._writeback.close()
-        if self.redis is not None:
-            self.redis.close()
+        self.tiers.close()
 
 
 def _runs(indices: Sequence[int]) -> list[list[int]]:
