@@ -105,12 +105,13 @@ class TurnRow:
 
 
 def demo_config(redis_url: str | None) -> RuntimeConfig:
-    # ~1.4K tokens of SmolLM2 KV (fp32, 46 KB/token) on the "device": three agents do not fit
+    # SmolLM2 KV is 45 KiB per token (fp32): the device holds ~900 tokens and the host ~700, while
+    # three agents sharing a ~1.1K-token system prompt need ~2.2K: every tier gets used
     return RuntimeConfig(
         device="cpu",
         page_size=16,
-        device_kv_bytes=64 * MiB,
-        host_kv_bytes=24 * MiB,
+        device_kv_bytes=40 * MiB,
+        host_kv_bytes=32 * MiB,
         redis_url=redis_url,
         redis_codec="none",
     )
