@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from kvruntime.analytics import Analytics
 from kvruntime.config import MiB, RuntimeConfig
+from kvruntime.engines.chat import render
 from kvruntime.results import ChatResult
 from kvruntime.runtime import Runtime, SamplingParams, TurnRequest
 
@@ -138,18 +139,21 @@ def run_agent(
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
     for turn, (user, tool_result) in enumerate(script):
         messages.append({"role": "user", "content": user})
-        result = session.chat(messages, tools=TOOLS, max_tokens=max_tokens)
+        tokens = render(rt.tokenizer, messages, TOOLS)
         # the same prompt, recomputed from scratch on the same engine queue: the baseline
         baseline = rt.run(
             TurnRequest(
-                tokens=list(session.last_prompt or []),
-                record=False,
+                tokens=tokens,
                 tenant="baseline",
                 session_id=f"baseline-{name}",
                 turn=turn,
                 params=SamplingParams(max_tokens=1),
                 reuse=False,
+                record=False,
             )
+        )
+        result = session.run_tokens(
+            tokens, SamplingParams(max_tokens=max_tokens), recompute_ttft_s=_service_ttft(baseline)
         )
         with lock:
             rows.append(TurnRow(name, turn, result, _service_ttft(baseline)))

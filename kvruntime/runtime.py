@@ -52,6 +52,7 @@ class TurnRequest:
     on_token: OnToken | None = None
     reuse: bool = True  # False: recompute this turn and cache nothing (a baseline)
     record: bool = True  # False: leave this turn out of analytics (a baseline)
+    recompute_ttft_s: float | None = None  # a measured baseline, kept in the turn's record
 
 
 class Runtime:
@@ -277,6 +278,7 @@ class Runtime:
                 bytes_moved=moved,
                 bytes_written=written,
                 divergence=divergence,
+                recompute_ttft_s=req.recompute_ttft_s,
             )
         )
         return result

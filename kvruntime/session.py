@@ -50,8 +50,14 @@ class Session:
         return self.run_tokens(tokens, params, on_token)
 
     def run_tokens(
-        self, tokens: list[int], params: SamplingParams, on_token: OnToken | None = None
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        on_token: OnToken | None = None,
+        recompute_ttft_s: float | None = None,
     ) -> ChatResult:
+        """A turn on prompt token ids (already rendered). ``recompute_ttft_s``: a measured
+        baseline to keep beside this turn in analytics."""
         from kvruntime.runtime import TurnRequest
 
         if self.closed:
@@ -65,6 +71,7 @@ class Session:
             exact_only=self.exact,
             previous_prompt=self.last_prompt,
             on_token=on_token,
+            recompute_ttft_s=recompute_ttft_s,
         )
         result = self.runtime.run(request)
         self.turns += 1

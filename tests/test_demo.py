@@ -28,6 +28,7 @@ def test_demo_runs_agents_and_reports_reuse(tmp_path: Path) -> None:
     assert "reused" in out and "saved" in out
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(records) == 6  # baselines are left out of analytics
+    assert all(r["recompute_ttft_s"] > 0 for r in records)  # ... but kept beside each turn
     assert sum(r["cached_tokens"] for r in records) > 0.5 * sum(r["prompt_tokens"] for r in records)
     tiers = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert tiers["tiers"]["redis"]["puts"] > 0
