@@ -25,6 +25,7 @@ class RuntimeConfig:
     redis_ttl_s: float | None = None
     eviction_policy: str = "lru"
     max_queue: int = 64  # turns waiting for the engine before Overloaded is raised
+    max_sessions: int = 10_000  # named sessions remembered (least recently used are dropped)
     # Cost model: None measures at start; a number fixes it (tokens/s, bytes/s, seconds).
     prefill_tokens_per_s: float | None = None
     host_bytes_per_s: float | None = None
@@ -46,6 +47,8 @@ class RuntimeConfig:
             raise ConfigError("RuntimeConfig.host_kv_bytes must be >= 0")
         if self.max_queue <= 0:
             raise ConfigError("RuntimeConfig.max_queue must be positive")
+        if self.max_sessions <= 0:
+            raise ConfigError("RuntimeConfig.max_sessions must be positive")
         if self.redis_ttl_s is not None and self.redis_ttl_s <= 0:
             raise ConfigError("RuntimeConfig.redis_ttl_s must be positive or None")
         for name in ("prefill_tokens_per_s", "host_bytes_per_s", "redis_bytes_per_s"):

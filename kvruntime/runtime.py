@@ -5,8 +5,10 @@ engine's one worker thread."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +79,11 @@ class Runtime:
         self.cache = KVCache(self.layout, engine.fingerprint, self.config, self.cost)
         self.queue = TurnQueue(self.config.max_queue, clock=clock)
         self.pins = PinTable(self.cache, clock)
-        self._sessions: dict[str, Session] = {}
+        # named sessions, least recently used first; bounded so a long-lived server that sees
+        # endless session ids does not grow (an evicted session object only loses its
+        # divergence baseline and pin; its cached pages stay in the index)
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions_lock = threading.Lock()
         self._closed = False
 
     @classmethod
@@ -96,14 +102,29 @@ class Runtime:
     ) -> Session:
         """A conversation. ``exact=True`` never reuses KV restored through a lossy codec."""
         sid = session_id or uuid.uuid4().hex[:16]
-        existing = self._sessions.get(sid)
-        if existing is not None and not existing.closed:
-            if existing.tenant != tenant:
-                raise BadRequest(f"session {sid!r} belongs to another tenant")
-            return existing
-        s = Session(self, sid, tenant, exact=exact)
-        self._sessions[sid] = s
+        with self._sessions_lock:
+            existing = self._sessions.get(sid)
+            if existing is not None and not existing.closed:
+                if existing.tenant != tenant:
+                    raise BadRequest(f"session {sid!r} belongs to another tenant")
+                self._sessions.move_to_end(sid)
+                return existing
+            s = Session(self, sid, tenant, exact=exact)
+            self._sessions[sid] = s
+            while len(self._sessions) > self.config.max_sessions:
+                _, old = self._sessions.popitem(last=False)
+                self.pins.unpin(old.session_id)
         return s
+
+    def forget_session(self, session_id: str) -> None:
+        """Drop a closed session's bookkeeping (``Session.close`` calls this)."""
+        with self._sessions_lock:
+            self._sessions.pop(session_id, None)
+
+    @property
+    def active_sessions(self) -> int:
+        with self._sessions_lock:
+            return sum(not s.closed for s in self._sessions.values())
 
     def generate(
         self,
@@ -179,7 +200,9 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
-        for s in list(self._sessions.values()):
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        for s in sessions:
             s.close()
         self.queue.close()
         self.cache.close()

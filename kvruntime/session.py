@@ -107,3 +107,4 @@ class Session:
         if not self.closed:
             self.closed = True
             self.runtime.pins.unpin(self.session_id)
+            self.runtime.forget_session(self.session_id)

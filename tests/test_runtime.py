@@ -267,3 +267,14 @@ def rt_params(stop: str) -> Any:
     from kvruntime.runtime import SamplingParams
 
     return SamplingParams(max_tokens=8, stop=(stop,))
+
+
+def test_session_bookkeeping_is_bounded(make_runtime: MakeRuntime) -> None:
+    rt = make_runtime(max_sessions=3)
+    sessions = [rt.session(f"s{i}") for i in range(5)]
+    assert rt.session("s4") is sessions[4]  # remembered
+    assert rt.session("s0") is not sessions[0]  # dropped: the oldest went first
+    assert rt.active_sessions == 3
+    sessions[4].close()
+    assert rt.active_sessions == 2
+    assert rt.session("s4") is not sessions[4]  # a closed session is never handed out again
