@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 # Imported on first use, so ``import kvruntime.radix`` (or the CLI's --help) stays light.
 _LAZY = {
     "Runtime": "kvruntime.runtime",
+    "Client": "kvruntime.client",
+    "AsyncClient": "kvruntime.client",
     "RuntimeConfig": "kvruntime.config",
     "Session": "kvruntime.session",
     "ChatResult": "kvruntime.results",
@@ -29,6 +31,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from kvruntime.analytics import Stats, TurnRecord
+    from kvruntime.client import AsyncClient, Client
     from kvruntime.config import RuntimeConfig
     from kvruntime.errors import (
         BadRequest,
@@ -52,8 +55,10 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AsyncClient",
     "BadRequest",
     "ChatResult",
+    "Client",
     "CorruptPage",
     "KVRuntimeError",
     "Overloaded",
