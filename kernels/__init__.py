@@ -6,13 +6,17 @@ Importing this package needs no triton; the Triton kernels load on first use.
 from __future__ import annotations
 
 from kvruntime.kernels.dispatch import (
+    Rehydrate,
     backend_for,
     dequantize_pages,
     dequantize_scatter,
     gather_pages,
     gather_quantize,
+    prepare_rehydrate,
     quantize_pages,
+    rehydrate_pages,
     scatter_pages,
+    token_view,
 )
 from kvruntime.kernels.layout import PageLayout
 from kvruntime.kernels.quantized import (
@@ -31,6 +35,7 @@ __all__ = [
     "PageLayout",
     "Part",
     "QuantizedPages",
+    "Rehydrate",
     "backend_for",
     "dequantize_pages",
     "dequantize_scatter",
@@ -39,6 +44,9 @@ __all__ = [
     "page_format",
     "pages_layout",
     "pool_layout",
+    "prepare_rehydrate",
     "quantize_pages",
+    "rehydrate_pages",
     "scatter_pages",
+    "token_view",
 ]

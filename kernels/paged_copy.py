@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 COPY_BLOCK = 4096
+COPY_WARPS = 4
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -76,7 +77,16 @@ def _check(pool: torch.Tensor, page_ids: torch.Tensor, pages: torch.Tensor) -> N
     )
 
 
-def _launch(pool: torch.Tensor, page_ids: torch.Tensor, pages: torch.Tensor, gather: bool) -> None:
+def _launch(
+    pool: torch.Tensor,
+    page_ids: torch.Tensor,
+    pages: torch.Tensor,
+    gather: bool,
+    block: int = COPY_BLOCK,
+    warps: int = COPY_WARPS,
+) -> None:
+    """``block``/``warps``: elements per loop step and warps per program (benchmarks sweep
+    them; the defaults are what docs/KERNEL_NOTES.md measured best)."""
     _check(pool, page_ids, pages)
     n, L = pages.shape[0], pages.shape[1]
     if n == 0:
@@ -89,8 +99,8 @@ def _launch(pool: torch.Tensor, page_ids: torch.Tensor, pages: torch.Tensor, gat
     s, d = (pool_strides, page_strides) if gather else (page_strides, pool_strides)
     slab = pages.shape[3] * pages.shape[4] * pages.shape[5]
     _copy_slabs[(n, L * 2)](
-        src, dst, page_ids, *s, *d, SLAB=slab, BLOCK=min(COPY_BLOCK, _pow2(slab)),
-        IDS_ON_SRC=gather,
+        src, dst, page_ids, *s, *d, SLAB=slab, BLOCK=min(block, _pow2(slab)),
+        IDS_ON_SRC=gather, num_warps=warps,
     )  # fmt: skip
 
 

@@ -11,6 +11,8 @@ Memory: the lossy paths hold a few fp32 copies of the batch; callers bound the b
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from kvruntime.kernels.quantized import QuantizedPages, page_format, pages_layout, pool_layout
@@ -185,3 +187,68 @@ def dequantize_scatter(q: QuantizedPages, page_ids: torch.Tensor, pool: torch.Te
     k, v = _decode(q)
     pages = torch.stack((k, v), dim=2).to(pool.dtype)  # [n, L, 2, H, P, D]
     scatter_pages(pages, page_ids, pool)
+
+
+def _layers(part: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    return part[:, lo:hi] if part is not None else None
+
+
+def rehydrate_pages(
+    blocks: torch.Tensor,
+    slots: torch.Tensor,
+    codec: str,
+    pool: torch.Tensor,
+    page_ids: torch.Tensor | None = None,
+    layers: tuple[int, int] | None = None,
+    tune: object = None,
+) -> None:
+    """Decode ``blocks[slots]`` (encoded pages, any device) into pool pages ``page_ids`` (None:
+    page j gets ``slots[j]``) for layers ``[lo, hi)``: the host-side gather + copy a user would
+    write, then the same decode as ``dequantize_scatter``. ``tune`` (a launch shape) is ignored."""
+    fmt = page_format(codec, pool_layout(pool))
+    lo, hi = layers if layers is not None else (0, fmt.layout.num_layers)
+    n = slots.shape[0]
+    if n == 0 or hi == lo:
+        return
+    # [n, page_nbytes] uint8 on the pool's device
+    picked = blocks.index_select(0, slots.to(blocks.device)).to(pool.device)
+    q = QuantizedPages.from_blocks(fmt, picked)
+    ids = page_ids if page_ids is not None else torch.arange(n, device=pool.device)
+    if codec == "none":
+        pages = q.data[:, lo:hi]  # [n, hi-lo, 2, H, P, D]
+    else:
+        k, v = _decode(
+            dataclasses.replace(
+                q,
+                data=q.data[:, lo:hi],
+                k_scale=_layers(q.k_scale, lo, hi),
+                k_zero=_layers(q.k_zero, lo, hi),
+                v_scale=_layers(q.v_scale, lo, hi),
+                v_zero=_layers(q.v_zero, lo, hi),
+            )
+        )
+        pages = torch.stack((k, v), dim=2).to(pool.dtype)
+    _page_first(pool[lo:hi]).index_copy_(0, ids, pages)
+
+
+def offload_pages(
+    pool: torch.Tensor,
+    page_ids: torch.Tensor | None,
+    blocks: torch.Tensor,
+    slots: torch.Tensor,
+    layers: tuple[int, int] | None = None,
+    tune: object = None,
+) -> None:
+    """Raw (codec ``none``) pool pages ``page_ids`` (None: page j) into rows ``slots`` of
+    ``blocks``, layers ``[lo, hi)`` only: gather on the pool's device, one copy, index_copy_."""
+    fmt = page_format("none", pool_layout(pool))
+    lo, hi = layers if layers is not None else (0, fmt.layout.num_layers)
+    n = slots.shape[0]
+    if n == 0 or hi == lo:
+        return
+    ids = page_ids if page_ids is not None else torch.arange(n, device=pool.device)
+    at = slots.to(blocks.device)
+    rows = blocks.index_select(0, at)  # [n, page_nbytes]: other layers keep their bytes
+    q = QuantizedPages.from_blocks(fmt, rows)
+    q.data[:, lo:hi].copy_(_page_first(pool[lo:hi]).index_select(0, ids))
+    blocks.index_copy_(0, at, rows)
