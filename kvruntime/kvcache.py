@@ -12,6 +12,7 @@ inserted as approximate, so an exact lookup never gets it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     pass
 
 log = logging.getLogger(__name__)
+_TENANT_PERSON = b"kvr-tenant-v1"  # keeps tenant salts apart from every other blake2b use
 
 
 @dataclass
@@ -97,7 +99,12 @@ class KVCache:
     # ------------------------------------------------------------------ lookup
 
     def namespace(self, tenant: str) -> Namespace:
-        return Namespace(self.fingerprint, self.layout.describe(), tenant, self.config.tenant_salt)
+        """The tenant's key space: its page hashes are seeded with a salt keyed on the
+        deployment secret ``config.tenant_salt``, so without the secret nobody can compute
+        a tenant's keys (or tell from a key whose it is). The same secret gives the same
+        keys in every process: a warm restart needs it unchanged (docs/security.md)."""
+        salt = tenant_salt(self.config.tenant_salt, tenant)
+        return Namespace(self.fingerprint, self.layout.describe(), tenant, salt)
 
     def lookup(self, tokens: Sequence[int], tenant: str, exact_only: bool = False) -> Lookup:
         """Find the reusable prefix of ``tokens`` (whole pages, at most ``len - 1`` tokens, so
@@ -236,6 +243,7 @@ class KVCache:
             good = min(good, self._restore_redis(found, by_tier["redis"], out, bytes_by))
         if good < n:
             found.sources = found.sources[:good]
+            found.redis_hashes = found.redis_hashes[: max(0, good - found.match.num_pages)]
             out = out[:good]
         for tier, _ in found.sources:
             tokens_by[tier] += L.page_size
@@ -438,6 +446,16 @@ class KVCache:
 
     def close(self) -> None:
         self.tiers.close()
+
+
+def tenant_salt(secret: bytes, tenant: str) -> bytes:
+    """A tenant's 16-byte salt: blake2b of its name keyed with ``secret`` (a secret longer
+    than blake2b's 64-byte key is hashed first). Raises BadRequest for a non-str tenant."""
+    if not isinstance(tenant, str):
+        raise BadRequest(f"tenant must be a str, got {type(tenant).__name__}")
+    key = secret if len(secret) <= 64 else hashlib.blake2b(secret).digest()
+    h = hashlib.blake2b(tenant.encode(), key=key, digest_size=16, person=_TENANT_PERSON)
+    return h.digest()
 
 
 def _runs(indices: Sequence[int]) -> list[list[int]]:

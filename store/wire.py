@@ -118,7 +118,7 @@ def read_header(value: Buffer) -> tuple[PageHeader, int]:
             payload_len=int(raw["payload_len"]),
             checksum=int(raw["checksum"]),
         )
-    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, msgpack.UnpackException) as exc:
         raise CorruptPage(f"unreadable page header: {exc}") from None
     return header, PREAMBLE_BYTES + header_len
 
