@@ -158,8 +158,8 @@ def bfcl_samples(tokenizer: Any, count: int, max_prompt: int) -> list[Sample]:
         session = bfcl.task_session(task)
         if len(session.turns) < 3:
             continue
-        step = session.turns[len(session.turns) // 2]
-        prompt = render(tokenizer, step.messages, step.tools)
+        middle = session.turns[len(session.turns) // 2]
+        prompt = render(tokenizer, middle.messages, middle.tools)
         if len(prompt) > max_prompt:
             continue
         last = session.turns[-1]
@@ -167,8 +167,8 @@ def bfcl_samples(tokenizer: Any, count: int, max_prompt: int) -> list[Sample]:
         if len(full) - len(prompt) < CONTINUATION or full[: len(prompt)] != prompt:
             continue  # too short a continuation, or the template closed the turn differently
         fitting.append(Sample("bfcl", task.task_id, full, len(prompt)))
-    step = max(1, len(fitting) // max(count, 1))
-    return fitting[::step][:count]
+    stride = max(1, len(fitting) // max(count, 1))
+    return fitting[::stride][:count]
 
 
 def score(engine: TransformersEngine, sample: Sample) -> dict[str, Score]:
