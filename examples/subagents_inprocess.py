@@ -12,6 +12,8 @@ import argparse
 import threading
 from typing import Any
 
+from _reuse_table import from_result_usage, print_reuse
+
 import kvruntime
 
 BRIEF = (
@@ -36,7 +38,7 @@ def main() -> None:
     ]
     plan = planner.chat(plan_msgs, max_tokens=args.max_tokens)
     plan_msgs.append({"role": "assistant", "content": plan.text})
-    print(f"planner: {plan.usage.prompt_tokens} prompt tokens, {plan.usage.cached_tokens} reused")
+    print(f"planner: {plan.text.strip()[:60]!r}")
 
     results: dict[str, kvruntime.ChatResult] = {}
 
@@ -50,14 +52,11 @@ def main() -> None:
         t.start()
     for t in threads:
         t.join()
-    print(f"{'sub-agent':<22} {'prompt':>6} {'cached':>6} {'device':>6} {'host':>5} {'redis':>5}")
+    turns = [from_result_usage(plan.usage)]
     for part in PARTS:
-        u = results[part].usage
-        tiers = u.cached_tokens_by_tier
-        print(
-            f"{part:<22} {u.prompt_tokens:>6} {u.cached_tokens:>6} {tiers['device']:>6}"
-            f" {tiers['host']:>5} {tiers['redis']:>5}"
-        )
+        print(f"sub-agent on {part}: {results[part].text.strip()[:60]!r}")
+        turns.append(from_result_usage(results[part].usage))
+    print_reuse("subagents in-process: the planner, then each sub-agent", turns)
     rt.close()
 
 

@@ -122,6 +122,15 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=0)
     parse_tool_calls: bool = True
 
+    @field_validator("messages")
+    @classmethod
+    def _developer_is_system(cls, v: list[Any]) -> list[Any]:
+        # OpenAI's newer name for the system role; chat templates know only "system"
+        return [
+            dict(m, role="system") if isinstance(m, dict) and m.get("role") == "developer" else m
+            for m in v
+        ]
+
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else (
