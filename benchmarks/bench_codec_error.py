@@ -92,10 +92,12 @@ def main() -> None:
         "`RMS rel err` = RMS(x̂ - x) / RMS(x); `K normal-ch RMS err` = RMS error of the key"
         " channels without outliers (their std is 1); `max err/bound` = worst ratio of the"
         " error to the codec's stated per-element bound (`Codec.error_bound`, must be ≤ 1).\n"
-        "Layouts: fp8 = e4m3 codes + fp32 scale per token (K and V); int8 = symmetric codes,"
-        " fp32 scales per (channel, 16-token group) for keys and per token for values;"
-        " int4 = KIVI asymmetric, fp16 scale+zero per (channel, 16-token group) for keys and"
-        " per (token, 32 channels) for values.\n\n" + markdown_table(HEADERS, rows)
+        "Layouts (wire format 2): fp8 = e4m3 codes + fp32 scale per token (K and V); int8 ="
+        " symmetric codes, fp16 scales per (channel, 16-token group) for keys and per token for"
+        " values; int4 = KIVI asymmetric, fp16 scale+zero per (channel, 16-token group) for keys"
+        " and per (token, min(128, head_dim) channels) for values. Format 1 had fp32 int8 scales"
+        " and 32-channel int4 value groups: int8/int4 were 0.570x/0.344x of bf16 on"
+        " Llama-3.1-8B, int4 V RMS rel err 0.078.\n\n" + markdown_table(HEADERS, rows)
     )
     record("codec error and size", body, ".venv/bin/python benchmarks/bench_codec_error.py")
 

@@ -62,6 +62,10 @@ DEFAULT_TUNE = Tune()  # H200: as fast as any shape tried for none/int8/fp8, 8% 
 # with loads on 4 programs, 112 on 8 or 16, 148 on the whole grid; a write-back during decode
 # cost 2.9% of decode speed on 8 programs (docs/KERNEL_NOTES.md).
 LOAD_BESIDE_COMPUTE = Tune(rows=128, warps=8, programs=4)
+# A lossy decode does more arithmetic per byte than a copy: on 4 programs the SMs, not PCIe,
+# bound it (a resumed 32K turn from fp8/int8/int4 blocks took 164/106/184 ms); on 16 programs
+# 88/87/87 ms, as fast as 32 and lighter on the model (docs/KERNEL_NOTES.md, run 5).
+LOAD_LOSSY_BESIDE_COMPUTE = Tune(rows=128, warps=8, programs=16)
 STORE_BESIDE_COMPUTE = Tune(rows=128, warps=8, programs=8)
 
 
@@ -114,7 +118,7 @@ def _rehydrate(
                 v = tl.load(v_src, mask=mask)
                 tl.store(d_base, k, mask=mask)
                 tl.store(d_base + d_kv, v, mask=mask)
-        elif CODEC == 2:  # int4: keys per-channel groups, values per-(token, channel group)
+        elif CODEC == 2:  # int4: keys per-channel groups, values per (token, channel group)
             cc = tl.arange(0, DP // 2)[None, None, :]
             pmask = rmask & (cc < D // 2)
             gmask = valid & (g * G < R) & (col < D)
@@ -133,20 +137,22 @@ def _rehydrate(
             v_val = qv.to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32)
             _store_out(d_base, k_val, mask, OUT_BF16)
             _store_out(d_base + d_kv, v_val, mask, OUT_BF16)
-        else:  # int8 (keys per-channel groups, values per token) or fp8 (per token)
+        else:  # int8 (fp16 scales: keys per-channel groups, values per token) or fp8 (fp32)
             f32 = tl.pointer_type(tl.float32)
             k_off = (layer * 2 * R + r) * D + col
             v_off = ((layer * 2 + 1) * R + r) * D + col
-            vs = tl.load((src + V_SCALE).to(f32, bitcast=True) + layer * R + r, mask=rmask)
             if CODEC == 0:  # uint8 loads (no pointer cast), then the int8 value of the byte
+                f16 = tl.pointer_type(tl.float16)
+                vs = tl.load((src + V_SCALE).to(f16, bitcast=True) + layer * R + r, mask=rmask)
                 gmask = valid & (g * G < R) & (col < D)
                 ks_off = (layer * (R // G) + g) * D + col
-                ks = tl.load((src + K_SCALE).to(f32, bitcast=True) + ks_off, mask=gmask)
+                ks = tl.load((src + K_SCALE).to(f16, bitcast=True) + ks_off, mask=gmask)
                 k_code = tl.load(src + DATA + k_off, mask=mask).to(tl.int8, bitcast=True)
                 v_code = tl.load(src + DATA + v_off, mask=mask).to(tl.int8, bitcast=True)
-                k_val = k_code.to(tl.float32) * ks
-                v_val = v_code.to(tl.float32) * vs
+                k_val = k_code.to(tl.float32) * ks.to(tl.float32)
+                v_val = v_code.to(tl.float32) * vs.to(tl.float32)
             else:
+                vs = tl.load((src + V_SCALE).to(f32, bitcast=True) + layer * R + r, mask=rmask)
                 ks = tl.load((src + K_SCALE).to(f32, bitcast=True) + layer * R + r, mask=rmask)
                 k_val = _e4m3_to_f32(tl.load(src + DATA + k_off, mask=mask)) * ks
                 v_val = _e4m3_to_f32(tl.load(src + DATA + v_off, mask=mask)) * vs
@@ -255,7 +261,7 @@ def _launch(
     bf16 = codec != "none" and pool.dtype == torch.bfloat16
     if bf16:
         out = pool.view(torch.int16)  # rounded by integer ops in _store_out
-    vgroup = min(32, D)
+    vgroup = page_format("int4", layout).value_group if codec == "int4" else D
     _rehydrate[(grid,)](
         src, slots, out, page_ids if page_ids is not None else slots, row_stride,
         pool.stride(2), pool.stride(0), pool.stride(1), pool.stride(3), units, grid, lo, hi - lo,

@@ -3,7 +3,7 @@
 Two kernel shapes cover every codec part (see ``kvruntime.kernels.quantized`` for formats):
 
 * rows: one scale per (token, channel group) — fp8 and int8 values/keys per token, int4
-  values per 32 channels. Tile ``[BLOCK_R tokens, groups, channels]``.
+  values per min(128, D) channels. Tile ``[BLOCK_R tokens, groups, channels]``.
 * cols: one scale per (channel, group of G tokens) — int8/int4 keys (KIVI). Tile
   ``[G tokens, D channels]``, looped over the slab's ``H * P / G`` token groups.
 
@@ -80,6 +80,12 @@ def _asym4(lo, hi):
 
 
 @triton.jit
+def _scale8(amax):
+    """fp16-rounded scale (as fp32) of a symmetric int8 group; codes use the rounded scale."""
+    return tl.minimum(tl.math.div_rn(amax, 127.0), 65504.0).to(tl.float16).to(tl.float32)
+
+
+@triton.jit
 def quant_rows(
     src, ids, codes, scale, zero, s_page, s_layer, c_page, c_layer, sc_page, sc_layer,
     R: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
@@ -118,7 +124,7 @@ def quant_rows(
         else:
             amax = tl.max(tl.abs(x), axis=2)
             if MODE == 0:
-                s = tl.math.div_rn(amax, 127.0)
+                s = _scale8(amax)
                 inv = tl.math.div_rn(1.0, tl.where(s > 0, s, 1.0))[:, :, None]
                 q = tl.minimum(tl.maximum(tl.floor(x * inv + 0.5), -127.0), 127.0).to(tl.int8)
             else:
@@ -126,7 +132,7 @@ def quant_rows(
                 inv = tl.math.div_rn(1.0, tl.where(s > 0, s, 1.0))[:, :, None]
                 q = _f32_to_e4m3(tl.minimum(tl.maximum(x * inv, -448.0), 448.0))
             tl.store(c_base + rows * DC + g3 * GS + c3, q, mask=mask)
-            tl.store(scale + sc_off + rows2 * NG + g2, s, mask=mask2)
+            tl.store(scale + sc_off + rows2 * NG + g2, s.to(scale.dtype.element_ty), mask=mask2)
 
 
 @triton.jit
@@ -200,11 +206,11 @@ def quant_cols(
             tl.store(zero + sc_base + t * D + ch1, z.to(tl.float16), mask=ch1 < D)
             tl.store(scale + sc_base + t * D + ch1, s.to(tl.float16), mask=ch1 < D)
         else:
-            s = tl.math.div_rn(tl.max(tl.abs(x), axis=0), 127.0)
+            s = _scale8(tl.max(tl.abs(x), axis=0))
             inv = tl.math.div_rn(1.0, tl.where(s > 0, s, 1.0))[None, :]
             q = tl.minimum(tl.maximum(tl.floor(x * inv + 0.5), -127.0), 127.0).to(tl.int8)
             tl.store(c_base + rows * DC + ch, q, mask=mask)
-            tl.store(scale + sc_base + t * D + ch1, s, mask=ch1 < D)
+            tl.store(scale + sc_base + t * D + ch1, s.to(tl.float16), mask=ch1 < D)
 
 
 @triton.jit

@@ -63,6 +63,11 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
 
 
+def _int8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """fp16 scale of symmetric int8 groups; the codes are computed with this rounded scale."""
+    return (amax / 127).clamp(max=FP16_MAX).to(torch.float16)
+
+
 def _int4_params(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 scale and zero (group minimum) of asymmetric 4-bit groups; saturated to fp16."""
     scale = ((mx - mn) / 15).clamp(max=FP16_MAX).to(torch.float16)
@@ -88,12 +93,12 @@ def _encode(k: torch.Tensor, v: torch.Tensor, q: QuantizedPages) -> None:
     elif fmt.codec == "int8":
         assert q.k_scale is not None and q.v_scale is not None
         kg = _key_groups(k, g)  # [n, L, H, P/G, G, D]
-        k_scale = kg.abs().amax(4) / 127
-        k_codes = _round(kg * _inv(k_scale).unsqueeze(4)).clamp(-127, 127)
+        k_scale = _int8_scale(kg.abs().amax(4))  # [n, L, H, P/G, D] fp16
+        k_codes = _round(kg * _inv(k_scale.float()).unsqueeze(4)).clamp(-127, 127)
         q.data[:, :, 0].copy_(k_codes.flatten(3, 4))
         q.k_scale.copy_(k_scale)
-        v_scale = v.abs().amax(-1) / 127
-        q.data[:, :, 1].copy_(_round(v * _inv(v_scale).unsqueeze(-1)).clamp(-127, 127))
+        v_scale = _int8_scale(v.abs().amax(-1))  # [n, L, H, P] fp16
+        q.data[:, :, 1].copy_(_round(v * _inv(v_scale.float()).unsqueeze(-1)).clamp(-127, 127))
         q.v_scale.copy_(v_scale)
     elif fmt.codec == "int4":
         assert q.k_scale is not None and q.k_zero is not None
@@ -125,8 +130,8 @@ def _decode(q: QuantizedPages) -> tuple[torch.Tensor, torch.Tensor]:
         v = data[:, :, 1] * q.v_scale.unsqueeze(-1)
     elif fmt.codec == "int8":
         data = q.data.float()
-        k = (_key_groups(data[:, :, 0], g) * q.k_scale.unsqueeze(4)).flatten(3, 4)
-        v = data[:, :, 1] * q.v_scale.unsqueeze(-1)
+        k = (_key_groups(data[:, :, 0], g) * q.k_scale.float().unsqueeze(4)).flatten(3, 4)
+        v = data[:, :, 1] * q.v_scale.float().unsqueeze(-1)
     elif fmt.codec == "int4":
         assert q.k_zero is not None and q.v_zero is not None
         codes = _unpack(q.data).float()  # [n, L, 2, H, P, D]

@@ -44,7 +44,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     fields = {
         k: getattr(args, k)
-        for k in ("device", "page_size", "device_kv_bytes", "host_kv_bytes", "max_queue")
+        for k in (
+            "device",
+            "page_size",
+            "device_kv_bytes",
+            "host_kv_bytes",
+            "max_queue",
+            "max_redis_index_pages",
+        )
         if getattr(args, k) is not None
     }
     fields["redis_url"] = None if args.redis_url in (None, "none") else args.redis_url
@@ -59,6 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
         model_name=name,
         aliases=(args.model,),
         default_max_tokens=args.default_max_tokens or None,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
     )
     try:
         uvicorn.run(
@@ -115,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--default-max-tokens", type=int, default=1024,
         help="completion limit when a request sets none (0: up to the context)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-body-bytes",
+        type=byte_size,
+        default=None,
+        help="larger request bodies get 413 (default: 1 MiB + 64 B per context token)",
+    )
+    serve.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longer prompts get 400 (default: the model's context)",
+    )
+    serve.add_argument(
+        "--max-redis-index-pages", type=int, default=None,
+        help="most index entries for pages held only in Redis (older ones are forgotten)",
     )  # fmt: skip
     serve.add_argument("--jsonl", default=None, help="append per-turn analytics here")
     serve.set_defaults(func=_serve)

@@ -20,9 +20,15 @@ class RuntimeConfig:
     redis_codec: str = "int8"
     reuse: bool = True  # False recomputes everything (the baseline)
     dtype: str | None = None  # KV/model dtype; None keeps the model's
-    tenant_salt: bytes = b""  # mixed into every tenant's page hashes
+    # the deployment secret that keys each tenant's salt (kvcache.tenant_salt), mixed into
+    # its page hashes: keep it secret, and unchanged across restarts to reuse Redis pages
+    tenant_salt: bytes = b""
     redis_namespace: str = "kvr"
     redis_ttl_s: float | None = None
+    # Index entries whose only copy is in Redis (~0.5 KiB each): beyond this many, the least
+    # recently used are forgotten (Redis keeps the values; a lookup's probe finds them by
+    # hash). Bounds the index: device pages + host slots + this.
+    max_redis_index_pages: int = 100_000
     eviction_policy: str = "lru"
     max_queue: int = 64  # turns waiting for the engine before Overloaded is raised
     max_sessions: int = 10_000  # named sessions remembered (least recently used are dropped)
@@ -49,6 +55,11 @@ class RuntimeConfig:
             raise ConfigError("RuntimeConfig.max_queue must be positive")
         if self.max_sessions <= 0:
             raise ConfigError("RuntimeConfig.max_sessions must be positive")
+        if type(self.max_redis_index_pages) is not int or self.max_redis_index_pages <= 0:
+            raise ConfigError(
+                "RuntimeConfig.max_redis_index_pages must be a positive int, got"
+                f" {self.max_redis_index_pages!r}"
+            )
         if self.redis_ttl_s is not None and self.redis_ttl_s <= 0:
             raise ConfigError("RuntimeConfig.redis_ttl_s must be positive or None")
         for name in ("prefill_tokens_per_s", "host_bytes_per_s", "redis_bytes_per_s"):

@@ -12,6 +12,7 @@ inserted as approximate, so an exact lookup never gets it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -23,8 +24,10 @@ import torch
 
 from kvruntime.config import RuntimeConfig
 from kvruntime.cost import CostModel, Decision
+from kvruntime.engines.base import KVPrefix
+from kvruntime.engines.layered import HostKVPrefix
 from kvruntime.errors import BadRequest, CorruptPage
-from kvruntime.kernels import gather_pages, scatter_pages
+from kvruntime.kernels import gather_pages, rehydrate_pages, scatter_pages
 from kvruntime.kernels.layout import PageLayout, dtype_name
 from kvruntime.radix import (
     Handle,
@@ -58,6 +61,9 @@ class Lookup:
     decisions: list[Decision] = field(default_factory=list)
     exact_only: bool = False
     lossy_from: int | None = None  # first page restored through a lossy codec
+    # tree pages read from Redis, {index: key}; and those whose value was found gone or bad
+    tree_redis: dict[int, str] = field(default_factory=dict)
+    stale: dict[int, str] = field(default_factory=dict)
 
     @property
     def num_pages(self) -> int:
@@ -71,6 +77,15 @@ class Restored:
     tokens_by_tier: dict[str, int]
     bytes_by_tier: dict[str, int]
     seconds: float
+    # layered restore: host pages left in the host tier's rows (``pages`` is then None)
+    host_prefix: HostKVPrefix | None = None
+
+    @property
+    def prefix(self) -> KVPrefix | HostKVPrefix | None:
+        """What the engine's ``prefill`` takes as ``past``; None when nothing was restored."""
+        if self.host_prefix is not None:
+            return self.host_prefix
+        return KVPrefix(self.pages, self.num_tokens) if self.pages is not None else None
 
 
 class KVCache:
@@ -114,6 +129,7 @@ class KVCache:
         P = self.layout.page_size
         limit = (len(tokens) - 1) // P  # pages that may be reused
         with self._lock:
+            self.tiers.forget_redis_after_outage()
             match = self.tree.match(tokens, ns, exact_only=exact_only)
             handle = match.handle if match.num_pages else None
             if handle is not None:
@@ -138,10 +154,32 @@ class KVCache:
                 pages.append(("redis", loc.redis, not self.redis_codec.lossless and exact_page))
             else:
                 break
+        pages = self._check_redis(found, pages)
         if len(pages) == match.num_pages and len(pages) < limit and self.redis is not None:
             pages += self._probe_redis(found, tokens, len(pages), limit)
         self._decide(found, pages)
+        found.tree_redis = {
+            i: str(value)
+            for i, (tier, value) in enumerate(found.sources[: match.num_pages])
+            if tier == "redis"
+        }
         return found
+
+    def _check_redis(
+        self, found: Lookup, pages: list[tuple[str, int | str, bool]]
+    ) -> list[tuple[str, int | str, bool]]:
+        """Cut ``pages`` before the first tree page whose Redis value is gone (evicted,
+        expired, lost with a restart): one EXISTS batch, so a lost page is neither read nor
+        trusted. Such pages go to ``found.stale``; commit and release drop their locations."""
+        at = [i for i, (tier, _, _) in enumerate(pages) if tier == "redis"]
+        if not at or self.redis is None:
+            return pages
+        present = self.redis.exists_many([str(pages[i][1]) for i in at])
+        missing = [i for i, ok in zip(at, present, strict=True) if not ok]
+        if not missing:
+            return pages
+        found.stale.update({i: str(pages[i][1]) for i in missing})
+        return pages[: missing[0]]
 
     def _probe_redis(
         self, found: Lookup, tokens: list[int], start: int, limit: int
@@ -205,9 +243,18 @@ class KVCache:
 
     # ------------------------------------------------------------------ restore
 
-    def restore(self, found: Lookup, device: torch.device, dtype: torch.dtype) -> Restored:
+    def restore(
+        self, found: Lookup, device: torch.device, dtype: torch.dtype, layered: bool = False
+    ) -> Restored:
         """Read the chosen pages into one page-first tensor on the engine's device. A Redis
-        value that is missing or fails verification shortens the prefix (recomputed)."""
+        value that is missing or fails verification shortens the prefix (recomputed).
+
+        Host pages are decoded straight from the host tier's rows (one rehydrate launch; over
+        PCIe from pinned rows on CUDA). ``layered`` (the engine takes a ``HostKVPrefix``):
+        where ``layered_restore_applies`` (CUDA, pinned host rows, the KV dtype), host pages are
+        not read here at all: ``Restored.host_prefix`` names their rows (other pages decoded as
+        ``resident``) and the engine loads them layer by layer beside its forward. The turn's
+        lock on the prefix keeps those rows in place until ``release``."""
         t0 = self._clock()
         n = found.num_pages
         tokens_by = dict.fromkeys(TIERS, 0)
@@ -215,12 +262,22 @@ class KVCache:
         if n == 0:
             return Restored(None, 0, tokens_by, bytes_by, 0.0)
         L = self.layout
-        # [n, L, 2, H, P, D] in the engine's dtype on its device
-        out = torch.empty((n, *L.page_shape), dtype=dtype, device=device)
         by_tier: dict[str, list[int]] = {t: [] for t in TIERS}
         for i, (tier, _) in enumerate(found.sources):
             by_tier[tier].append(i)
+        host = self.host if by_tier["host"] else None
+        lazy = (
+            layered
+            and host is not None
+            and layered_restore_applies(device, host.blocks, dtype, L.dtype)
+        )
+        # rows of ``out`` per page: every page, or (lazy) only those not left in the host tier
+        kept = [i for i in range(n) if not (lazy and found.sources[i][0] == "host")]
+        row_of = {i: r for r, i in enumerate(kept)}
+        # [len(kept), L, 2, H, P, D] in the engine's dtype on its device
+        out = torch.empty((len(kept), *L.page_shape), dtype=dtype, device=device)
         good = n
+        slots: list[int] = []
         with self._lock:
             if by_tier["device"]:
                 idx = by_tier["device"]
@@ -229,34 +286,64 @@ class KVCache:
                     (len(idx), *L.page_shape), dtype=L.dtype, device=self.pool.kv.device
                 )
                 gather_pages(self.pool.kv, ids, tmp)
-                out[idx] = tmp.to(device=device, dtype=dtype)
+                out[[row_of[i] for i in idx]] = tmp.to(device=device, dtype=dtype)
                 bytes_by["device"] += len(idx) * L.page_nbytes
-            if by_tier["host"] and self.host is not None:
+            if host is not None:
                 idx = by_tier["host"]
-                slots = torch.as_tensor([int(found.sources[i][1]) for i in idx], dtype=torch.int64)
-                blocks = self.host.blocks.index_select(0, slots)
-                tmp = torch.empty((len(idx), *L.page_shape), dtype=L.dtype, device=device)
-                self.host_codec.decode(blocks.to(device), L, tmp)
-                out[idx] = tmp.to(dtype)
-                bytes_by["host"] += int(blocks.numel())
+                slots = [int(found.sources[i][1]) for i in idx]
+                if not lazy:
+                    self._read_host(slots, [row_of[i] for i in idx], out)
+                bytes_by["host"] += len(idx) * self.host_codec.page_nbytes(L)
         if by_tier["redis"]:
-            good = min(good, self._restore_redis(found, by_tier["redis"], out, bytes_by))
+            rows = [row_of[i] for i in by_tier["redis"]]
+            good = min(good, self._restore_redis(found, by_tier["redis"], out, bytes_by, rows))
         if good < n:
             found.sources = found.sources[:good]
             found.redis_hashes = found.redis_hashes[: max(0, good - found.match.num_pages)]
-            out = out[:good]
         for tier, _ in found.sources:
             tokens_by[tier] += L.page_size
         if found.lossy_from is not None and found.lossy_from >= good:
             found.lossy_from = None
-        return Restored(
-            out if good else None, good * L.page_size, tokens_by, bytes_by, self._clock() - t0
-        )
+        seconds = self._clock() - t0
+        if lazy and good:
+            assert host is not None
+            marks = iter(slots)
+            page_slots = [next(marks) if t == "host" else -1 for t, _ in found.sources]
+            resident = out[: sum(1 for s in page_slots if s < 0)] if len(kept) else None
+            past = HostKVPrefix(
+                host.blocks, page_slots, self.host_codec.name, L.page_size, good * L.page_size,
+                resident if resident is not None and resident.shape[0] else None,
+            )  # fmt: skip
+            return Restored(None, good * L.page_size, tokens_by, bytes_by, seconds, past)
+        out = out[:good]
+        return Restored(out if good else None, good * L.page_size, tokens_by, bytes_by, seconds)
+
+    def _read_host(self, slots: list[int], rows: list[int], out: torch.Tensor) -> None:
+        """Decode host-tier rows ``slots`` into ``out[rows]`` with one rehydrate: on CUDA the
+        kernel reads pinned rows over PCIe (no host gather, no staging copy)."""
+        assert self.host is not None
+        L = self.layout
+        blocks = self.host.blocks
+        at = torch.as_tensor(slots, dtype=torch.int64)
+        if out.is_cuda and not blocks.is_pinned():  # the kernel cannot read pageable rows
+            blocks, at = blocks.index_select(0, at).to(out.device), torch.arange(len(slots))
+        # [m, L, 2, H, P, D] pages seen layer-first, as the rehydrate writes them
+        target = out if out.dtype == L.dtype else torch.empty_like(out, dtype=L.dtype)
+        ids = torch.as_tensor(rows, dtype=torch.int64)
+        rehydrate_pages(blocks, at, self.host_codec.name, target.permute(1, 2, 0, 3, 4, 5), ids)
+        if target is not out:
+            out[rows] = target[rows].to(out.dtype)
 
     def _restore_redis(
-        self, found: Lookup, idx: list[int], out: torch.Tensor, bytes_by: dict[str, int]
+        self,
+        found: Lookup,
+        idx: list[int],
+        out: torch.Tensor,
+        bytes_by: dict[str, int],
+        rows: list[int] | None = None,
     ) -> int:
-        """Fetch, verify and decode Redis pages; returns the first page index that failed."""
+        """Fetch, verify and decode Redis pages ``idx`` into ``out[rows]`` (default
+        ``out[idx]``); returns the first page index that failed (``found.num_pages``: none)."""
         assert self.redis is not None
         L = self.layout
         P = L.page_size
@@ -287,8 +374,8 @@ class KVCache:
         if ok:
             tmp = torch.empty((ok, *L.page_shape), dtype=L.dtype, device=out.device)
             self.redis_codec.decode(blocks[:ok].to(out.device), L, tmp)
-            out[idx[:ok]] = tmp.to(out.dtype)
-        return idx[ok] if ok < len(idx) else out.shape[0]
+            out[(rows if rows is not None else idx)[:ok]] = tmp.to(out.dtype)
+        return idx[ok] if ok < len(idx) else found.num_pages
 
     # ------------------------------------------------------------------ commit
 
@@ -309,7 +396,15 @@ class KVCache:
         if total == 0:
             return {}
         lossy_from = found.lossy_from if found.lossy_from is not None else total
-        known: list[PageLocation] = list(found.match.locations[: found.match.num_pages])
+        stale = dict(found.stale)
+        failed = len(found.sources)  # restore stopped here when this Redis page was bad
+        if failed in found.tree_redis:
+            stale[failed] = found.tree_redis[failed]
+        # a page whose Redis value is gone is placed (device, or spilled) like a new one
+        known: list[PageLocation] = [
+            loc._replace(redis=None) if i in stale else loc
+            for i, loc in enumerate(found.match.locations[: found.match.num_pages])
+        ]
         # which pages need a device copy: not on device, and not exact pages whose only
         # restored KV was lossy (that would pass approximate KV off as exact)
         need: list[int] = []
@@ -364,10 +459,19 @@ class KVCache:
             if n > split:
                 result = self.tree.insert(tokens[: n * P], locations, found.namespace, exact=False)
                 self.tiers.free_duplicates(result.duplicates)
+            if stale and found.handle is not None:
+                # before write-back is queued, so it stores those pages again
+                stored = {i for i, loc in spilled.items() if loc.redis is not None}
+                found.stale = self.tiers.drop_stale_redis(
+                    found.handle, {i: k for i, k in stale.items() if i not in stored}
+                )
             if result is None:
+                self.tiers.trim_redis_index()
                 return {}
             staged = {i: t for i, t in staged.items() if i < n}
-            return self.tiers.queue_write_back(result.handle, tokens[: n * P], staged)
+            written = self.tiers.queue_write_back(result.handle, tokens[: n * P], staged)
+            self.tiers.trim_redis_index()  # after write-back locked what it will store
+            return written
 
     def _spill(
         self,
@@ -438,6 +542,9 @@ class KVCache:
         if found.handle is not None:
             with self._lock:
                 self.tree.unlock(found.handle)
+                if found.stale:  # Redis-only pages gone from Redis that commit could not drop
+                    with contextlib.suppress(BadRequest):  # the handle's pages left the tree
+                        self.tiers.drop_stale_redis(found.handle, found.stale)
             found.handle = None
 
     def flush(self, timeout_s: float | None = None) -> bool:
@@ -446,6 +553,16 @@ class KVCache:
 
     def close(self) -> None:
         self.tiers.close()
+
+
+def layered_restore_applies(
+    device: torch.device, blocks: torch.Tensor, dtype: torch.dtype, kv_dtype: torch.dtype
+) -> bool:
+    """Whether host pages should stay in the host tier for the engine to load layer by layer
+    (``KVCache.restore(layered=True)``): on CUDA from pinned rows (the rehydrate kernel reads
+    them over PCIe while earlier layers compute), into caches of the KV dtype. On the CPU a
+    layered load has nothing to overlap with, so pages are decoded up front."""
+    return device.type == "cuda" and blocks.is_pinned() and dtype == kv_dtype
 
 
 def tenant_salt(secret: bytes, tenant: str) -> bytes:

@@ -17,7 +17,7 @@ from kvruntime.analytics import Analytics, Stats, TurnRecord
 from kvruntime.calibrate import calibrate
 from kvruntime.config import RuntimeConfig
 from kvruntime.divergence import find_divergence
-from kvruntime.engines.base import Engine, KVPrefix, check_sampling
+from kvruntime.engines.base import Engine, check_sampling
 from kvruntime.errors import BadRequest, Overloaded
 from kvruntime.kvcache import KVCache, Lookup
 from kvruntime.pins import PinTable
@@ -239,9 +239,14 @@ class Runtime:
             restored = None
             past = None
             if found is not None and found.num_pages:
-                restored = self.cache.restore(found, self.engine.device, self.engine.dtype)
-                if restored.pages is not None:
-                    past = KVPrefix(restored.pages, restored.num_tokens)
+                # layered: on CUDA the engine loads host pages layer by layer beside compute
+                restored = self.cache.restore(
+                    found,
+                    self.engine.device,
+                    self.engine.dtype,
+                    layered=self.engine.accepts_host_prefix,
+                )
+                past = restored.prefix
             t_restore = clock()
             pre = self.engine.prefill(req.tokens, past)
             tokens, text, finish, t_first = self._decode(pre.state, req)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvruntime.config import RuntimeConfig
-from kvruntime.errors import CapacityError
+from kvruntime.errors import BadRequest, CapacityError
 from kvruntime.kernels.layout import PageLayout, dtype_name
 from kvruntime.radix import Handle, PageInfo, RadixConfig, RadixTree, storage_key
 from kvruntime.store.codec import Codec, get_codec
@@ -61,6 +61,8 @@ class Tiers:
         self.redis_value_bytes = (
             PREAMBLE_BYTES + 256 + 4 * layout.page_size + self.redis_codec.page_nbytes(layout)
         )
+        self.max_redis_index_pages = config.max_redis_index_pages
+        self._recoveries_seen = 0
         self.spill_ids = itertools.count()
         self._writeback = WriteBack(self._write_job) if config.write_back else None
 
@@ -98,6 +100,55 @@ class Tiers:
             freed = self.tree.evict("host", short)
             self.host.discard_slots([int(v) for v in freed.values])
         return min(n, self.host.num_free)
+
+    def trim_redis_index(self) -> int:
+        """Forget the least recently used index entries whose only copy is in Redis once
+        there are more than ``max_redis_index_pages`` (down to 7/8 of it, so trimming is not
+        a per-page affair). Pages with no device or host copy number at least ``pages -
+        device - host``; that is what is counted, so the index holds at most device pages +
+        host slots + the cap. Redis keeps the values. Call under the lock; returns how many
+        entries left the index."""
+        tree, cap = self.tree, self.max_redis_index_pages
+        over = tree.num_pages - tree.pages_in("device") - tree.pages_in("host") - cap
+        if over <= 0 or self.redis is None:
+            return 0
+        return len(tree.evict("redis", over + cap // 8, sole=True))
+
+    def forget_redis_after_outage(self) -> int:
+        """Once the Redis tier recovered from losing its server, forget every Redis location
+        in the index (unlocked pages): a server that went away may have come back empty, and
+        a location with no value behind it is neither read nor ever written again. Pages on
+        the device or host keep those copies and are written again by write-back; Redis-only
+        entries leave (a lookup's probe finds by hash what Redis still has). Call under the
+        lock; returns the locations forgotten."""
+        if self.redis is None or self.redis.recoveries == self._recoveries_seen:
+            return 0
+        self._recoveries_seen = self.redis.recoveries
+        forgotten = len(self.tree.evict("redis", self.tree.pages_in("redis")))
+        log.info("redis tier recovered: %d index locations forgotten", forgotten)
+        return forgotten
+
+    def drop_stale_redis(self, handle: Handle, stale: dict[int, str]) -> dict[int, str]:
+        """Pages of ``handle``'s prefix whose Redis value ``{index: key}`` was found missing
+        or bad lose that location: pages held elsewhere keep their other copies (write-back
+        stores them again); Redis-only ones leave the index, from the first of them on,
+        unless locked. Returns the pages still pointing at their stale key (locked). Call
+        under the lock."""
+        if not stale:
+            return {}
+        pages = self.tree.pages(handle)
+        gone = {i: k for i, k in stale.items() if i < len(pages) and pages[i].location.redis == k}
+        shared = {i: None for i in gone if pages[i].location.tiers != ("redis",)}
+        if shared:
+            self.tree.set_location(handle, "redis", shared)
+        alone = sorted(i for i in gone if i not in shared)
+        if not alone:
+            return {}
+        try:
+            self.release_copies(self.tree.remove(handle, alone[0]))
+        except BadRequest:  # locked (this turn, or another): retried at release
+            return {i: gone[i] for i in alone}
+        return {}
 
     def store_redis(
         self, pages: Sequence[tuple[int, bytes, bool]], blocks: torch.Tensor, tokens: list[int]
@@ -171,6 +222,7 @@ class Tiers:
         finally:
             with self.lock:
                 self.tree.unlock(job.handle)
+                self.trim_redis_index()  # the job's pages may leave now
 
     def _encode(self, codec: Codec, pages: Sequence[PageInfo], job: WriteJob) -> torch.Tensor:
         """[n, page_nbytes] uint8 on the host: from the pool (device pages are locked by the

@@ -78,12 +78,15 @@ class EvictionQueue:
         return None
 
 
-def plan(node: Node, t: int, budget: int, tail_free: bool) -> tuple[list[int], int, bool]:
+def plan(
+    node: Node, t: int, budget: int, tail_free: bool, keep_shared: bool = False
+) -> tuple[list[int], int, bool]:
     """What evicting tier ``t`` from ``node`` would do, tail first, up to ``budget`` pages.
 
     Returns (pages that only lose the tier, trailing pages that leave the tree, whether every
     page leaves). A page leaves only if tier ``t`` holds its last copy and nothing after it
     remains: ``tail_free`` says nothing below the node will (no children, or all leaving).
+    ``keep_shared``: pages with a copy elsewhere keep this tier's (no drops).
     """
     col = node.locs[t]
     a, b = (node.locs[u] for u in range(3) if u != t)
@@ -94,7 +97,7 @@ def plan(node: Node, t: int, budget: int, tail_free: bool) -> tuple[list[int], i
             removed += 1
             j -= 1
     drops: list[int] = []
-    if sum(node.counts) > node.counts[t]:  # some page has a copy elsewhere: look for drops
+    if not keep_shared and sum(node.counts) > node.counts[t]:  # copies elsewhere: drops
         while j >= 0 and removed + len(drops) < budget:
             if col[j] is not None and (a[j] is not None or b[j] is not None):
                 drops.append(j)

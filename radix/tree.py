@@ -324,12 +324,14 @@ class RadixTree:
             self._recount(node)
         return old
 
-    def evict(self, tier: str, num_pages: int) -> EvictResult:
+    def evict(self, tier: str, num_pages: int, *, sole: bool = False) -> EvictResult:
         """Drop up to ``num_pages`` copies from ``tier``, in policy order, unlocked pages only.
 
         A page with a copy in another tier only loses this tier's; a page left with no copy
-        leaves the tree, which only happens once nothing below it remains. Returns what was
-        dropped; the caller releases those values (device pages, host slots, Redis keys).
+        leaves the tree, which only happens once nothing below it remains. ``sole`` drops
+        only such pages (whose last copy is in ``tier``), so copies held elsewhere keep this
+        tier's too. Returns what was dropped; the caller releases those values (device
+        pages, host slots, Redis keys).
         """
         t = tier_index(tier)
         if type(num_pages) is not int or num_pages < 0:
@@ -348,7 +350,7 @@ class RadixTree:
             if node.lock_ref:
                 continue
             budget = num_pages - len(freed)
-            drops, removed, _ = plan(node, t, budget, tail_free=not node.children)
+            drops, removed, _ = plan(node, t, budget, not node.children, keep_shared=sole)
             edge = node.key[: self._page_bytes]  # its key under the parent, before truncation
             col = node.locs[t]
             top = node.num_pages

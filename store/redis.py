@@ -223,6 +223,9 @@ class RedisConnector:
         self._pools: dict[Address, ConnectionPool] = {}
         self._lock = threading.Lock()
         self._closed = False
+        # pooled connections found dead (and replaced): the server went away meanwhile,
+        # maybe restarting empty. Only counted (an int += under the GIL races harmlessly).
+        self.dead_connections = 0
 
     # -- public batch API -----------------------------------------------------------------
     def get_into(
@@ -362,6 +365,7 @@ class RedisConnector:
                 # An idle pooled socket may have died with a restarted server: retry once on
                 # a fresh connection before any reply was consumed (all commands idempotent).
                 if attempt == 0 and reused and done == 0 and exc.kind == "closed":
+                    self.dead_connections += 1
                     continue
                 job.fault(exc.kind, node, len(idxs) - done, exc.detail)
                 if exc.kind in _SERVER_DOWN:

@@ -29,6 +29,8 @@ from kvruntime.store.retry import Backoff
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# faults that mean the server could not be talked to (not a refusal such as oom)
+_LOST = frozenset({"connect", "down", "closed", "timeout", "tls", "protocol"})
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,9 @@ class RedisTier:
         self._warned_at: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
         self._closed = False
+        self._lost = False  # the last call could not reach (every) server
+        self._dead_seen = 0
+        self._recoveries = 0
 
     def put_many(self, items: Sequence[tuple[str, object]]) -> int:
         """Store each (key, value) pair (value: any contiguous bytes-like: bytes, bytearray,
@@ -165,6 +170,14 @@ class RedisTier:
         raw = [self._key(k) for k in keys]
         return sum(self._call(lambda d: self._connector.delete_many(raw, d), raw, False).values)
 
+    @property
+    def recoveries(self) -> int:
+        """How many times the tier reached its server(s) again after losing them: a call that
+        met connection faults followed by one that met none, or pooled connections found dead
+        (a restart between two calls). Values stored before a recovery may be gone (a
+        restarted server can come back empty): callers re-check what they recorded."""
+        return self._recoveries
+
     def stats(self) -> RedisTierStats:
         with self._lock:
             c = self._counts
@@ -205,7 +218,18 @@ class RedisTier:
                 )
         for fault in outcome.faults:
             self._fault(fault)
+        self._note_health(any(f.kind in _LOST for f in outcome.faults))
         return outcome
+
+    def _note_health(self, lost: bool) -> None:
+        dead = self._connector.dead_connections
+        with self._lock:
+            dropped, self._dead_seen = dead != self._dead_seen, dead
+            if lost:
+                self._lost = True
+            elif self._lost or dropped:
+                self._lost = False
+                self._recoveries += 1
 
     def _count_reads(self, values: list[T], nbytes: int) -> list[T]:
         hits = sum(v is not None for v in values)

@@ -24,7 +24,9 @@ import xxhash
 from kvruntime.errors import CorruptPage
 
 MAGIC = b"KVRP"
-VERSION = 1
+# 2: int8 scales fp16 (were fp32), int4 values in per-token groups of min(128, D) channels
+# (were 32): a version-1 value would decode as garbage, so it is rejected (a miss) instead.
+VERSION = 2
 _PREAMBLE = struct.Struct("<4sHI")
 PREAMBLE_BYTES = _PREAMBLE.size
 # Largest header accepted; a page of 1024 tokens carries 4 KiB of token ids plus a few fields.

@@ -14,6 +14,7 @@ from model_fixtures import tiny_engine as tiny_engine
 from kvruntime.engines.base import KVPrefix
 from kvruntime.engines.layered import (
     HostKVPrefix,
+    beside_compute,
     prefetched_layer_class,
     restore_layered,
     shared_buffer,
@@ -179,3 +180,15 @@ def test_bad_host_prefix_is_refused(tiny_engine: TransformersEngine) -> None:
         tiny_engine.prefill(tokens, past._replace(slots=[0, 99]))
     with pytest.raises(BadRequest, match="page_size"):
         tiny_engine.prefill(tokens, past._replace(page_size=0))
+
+
+def test_loads_beside_compute_take_more_programs_for_lossy_codecs() -> None:
+    from kvruntime.kernels import host_copy
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert beside_compute(cpu) is None and beside_compute(cpu, codec="int4") is None
+    assert beside_compute(cuda) == host_copy.LOAD_BESIDE_COMPUTE
+    assert beside_compute(cuda, store=True) == host_copy.STORE_BESIDE_COMPUTE
+    for codec in ("fp8", "int8", "int4"):
+        assert beside_compute(cuda, codec=codec) == host_copy.LOAD_LOSSY_BESIDE_COMPUTE
+    assert host_copy.LOAD_LOSSY_BESIDE_COMPUTE.programs > host_copy.LOAD_BESIDE_COMPUTE.programs

@@ -199,6 +199,27 @@ def test_eviction_drops_a_tier_before_removing_pages() -> None:
     tree.check_integrity()
 
 
+def test_sole_eviction_removes_only_pages_whose_last_copy_is_the_tier() -> None:
+    tree = make_tree()
+    tokens = list(range(20))
+    # pages 0-1 device + redis, 2 redis only, 3 host + redis, 4 redis only
+    locs = [PageLocation(0, redis="k0"), PageLocation(1, redis="k1"), PageLocation(redis="k2"),
+            PageLocation(host=3, redis="k3"), PageLocation(redis="k4")]  # fmt: skip
+    tree.insert(tokens, locs)
+    freed = tree.evict("redis", 5, sole=True)
+    # the tail goes; page 3 is held on the host, so it keeps its Redis copy and stops there
+    assert [(p.value, p.removed) for p in freed.pages] == [("k4", True)]
+    assert tree.match(tokens).redis == ("k0", "k1", "k2", "k3")
+    tree.evict("host", 1)  # page 3 now lives in Redis only: pages 3 and 2 may leave
+    freed = tree.evict("redis", 5, sole=True)
+    assert [(p.value, p.removed) for p in freed.pages] == [("k3", True), ("k2", True)]
+    assert tree.match(tokens).redis == ("k0", "k1") and tree.pages_in("redis") == 2
+    # without sole, the same call drops the Redis copies of device pages too
+    assert sorted(tree.evict("redis", 5).values) == ["k0", "k1"]
+    assert tree.num_pages == 2 and tree.pages_in("redis") == 0
+    tree.check_integrity()
+
+
 def test_children_leave_before_their_parents() -> None:
     tree = make_tree()
     tree.insert([1] * 4, dev(0))

@@ -89,6 +89,16 @@ def test_wrong_tokens_truncation_version_magic() -> None:
         _decode(b"GARBAGE-GARBAGE-GARBAGE")
 
 
+def test_format_1_pages_are_rejected() -> None:
+    """Format 2 changed the int8/int4 block layouts (fp16 int8 scales, per-token int4 value
+    groups): a value an older build stored must be a miss, never decoded with the new layout."""
+    assert wire.VERSION == 2
+    old = bytearray(_page())
+    old[4:6] = (1).to_bytes(2, "little")
+    with pytest.raises(CorruptPage, match="page format version 1; this build reads version 2"):
+        _decode(old)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_any_single_bit_flip_is_rejected(data: st.DataObject) -> None:

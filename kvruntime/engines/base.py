@@ -10,12 +10,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from kvruntime.engines.models import KVShape
 from kvruntime.errors import BadRequest
+
+if TYPE_CHECKING:
+    from kvruntime.engines.layered import HostKVPrefix
 
 
 class KVPrefix(NamedTuple):
@@ -69,16 +72,22 @@ class Engine(ABC):
     device: torch.device
     max_context: int
     stop_token_ids: tuple[int, ...]  # the model's end-of-turn tokens, decode's default stops
+    # True when ``prefill`` also takes a ``layered.HostKVPrefix`` (host pages loaded layer by
+    # layer beside the forward): the runtime then leaves host-tier pages where they are
+    accepts_host_prefix: bool = False
 
     @abstractmethod
-    def prefill(self, token_ids: Sequence[int], past: KVPrefix | None = None) -> PrefillResult:
+    def prefill(
+        self, token_ids: Sequence[int], past: KVPrefix | HostKVPrefix | None = None
+    ) -> PrefillResult:
         """Compute the KV of ``token_ids`` (the whole prompt) after ``past``'s first tokens.
 
         ``past`` must hold the exact (or, for a lossy tier, approximate) KV of
         ``token_ids[:past.num_tokens]``; the engine cannot check the tokens, the caller does.
         At least the last prompt token is always recomputed, because its logits are needed:
         a ``past`` covering the whole prompt (or more) is used for ``len(token_ids) - 1``
-        tokens. Raises ``BadRequest`` for an empty or over-long prompt, or pages whose shape,
+        tokens. A ``HostKVPrefix`` is passed only to engines whose ``accepts_host_prefix`` is
+        True. Raises ``BadRequest`` for an empty or over-long prompt, or pages whose shape,
         dtype or count do not match the model.
         """
 

@@ -13,6 +13,7 @@ Rendering is deterministic: the same messages and tools always give the same tok
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -132,8 +133,11 @@ def fold_tool_calls(msg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in msg.items() if k != "tool_calls"} | {"content": content}
 
 
+@functools.lru_cache(maxsize=64)
 def template_features(template: str) -> TemplateFeatures:
-    """Which tool variables the template reads (parsed with jinja2; a regex if it won't parse)."""
+    """Which tool variables the template reads (parsed with jinja2; a regex if it won't parse).
+    Cached per template string: parsing costs more than a short turn, and a process serves
+    one or two templates."""
     import jinja2
     from jinja2 import meta
 

@@ -36,8 +36,11 @@ class HostKVPrefix(NamedTuple):
 
     ``blocks``: uint8 ``[S, page_nbytes]``, one page of ``codec`` per row (e.g.
     ``HostTier.blocks``); pinned for a CUDA engine. ``slots``: block row of page j (token t in
-    page ``t // page_size``), as int64 [n] or a list. The caller keeps those rows unchanged
-    (pinned in the tier) until ``prefill`` returns; the engine only reads them.
+    page ``t // page_size``), as int64 [n] or a list; -1 marks a page already decoded in
+    ``resident`` (``[m, L, 2, H, P, D]`` in the engine's dtype, the -1 pages in order: pages a
+    runtime found on the device or fetched from Redis), which is copied in before the loads
+    start. The caller keeps the rows unchanged (pinned in the tier) until ``prefill`` returns;
+    the engine only reads them.
     """
 
     blocks: torch.Tensor
@@ -45,6 +48,7 @@ class HostKVPrefix(NamedTuple):
     codec: str
     page_size: int
     num_tokens: int
+    resident: torch.Tensor | None = None
 
 
 def check_host_prefix(past: HostKVPrefix, layout: KVShape, dtype: torch.dtype) -> torch.Tensor:
@@ -69,6 +73,17 @@ def check_host_prefix(past: HostKVPrefix, layout: KVShape, dtype: torch.dtype) -
             f"{past.num_tokens} past tokens do not fit in {slots.shape[0]} pages of"
             f" {past.page_size}"
         )
+    marked = int((slots < 0).sum())
+    held = 0 if past.resident is None else past.resident.shape[0]
+    if marked and held < marked:
+        raise BadRequest(f"{marked} pages marked resident (slot -1), {held} resident pages")
+    if past.resident is not None:
+        page = (held, *fmt.layout.page_shape)
+        if tuple(past.resident.shape) != page or past.resident.dtype != dtype:
+            raise BadRequest(
+                f"resident pages {tuple(past.resident.shape)} {past.resident.dtype}; expected"
+                f" {page} {dtype}"
+            )
     return slots
 
 
@@ -108,15 +123,20 @@ class LayerLoader:
             torch.cuda.current_stream(self._device).wait_event(self._events[layer])
 
 
-def beside_compute(device: torch.device, store: bool = False) -> object:
-    """The launch shape for loads (``store``: write-backs) that run beside compute on
-    ``device``: a few programs on CUDA (``host_copy.LOAD_BESIDE_COMPUTE`` /
-    ``STORE_BESIDE_COMPUTE``), the default elsewhere (None)."""
+def beside_compute(device: torch.device, store: bool = False, codec: str = "none") -> object:
+    """The launch shape for loads of ``codec`` blocks (``store``: write-backs) that run beside
+    compute on ``device``: a few programs on CUDA (``host_copy.LOAD_BESIDE_COMPUTE``, more for
+    a lossy decode: ``LOAD_LOSSY_BESIDE_COMPUTE``; ``STORE_BESIDE_COMPUTE``), the default
+    elsewhere (None)."""
     if device.type != "cuda":
         return None
     from kvruntime.kernels import host_copy
 
-    return host_copy.STORE_BESIDE_COMPUTE if store else host_copy.LOAD_BESIDE_COMPUTE
+    if store:
+        return host_copy.STORE_BESIDE_COMPUTE
+    if get_codec(codec).lossless:
+        return host_copy.LOAD_BESIDE_COMPUTE
+    return host_copy.LOAD_LOSSY_BESIDE_COMPUTE
 
 
 def restore_layered(
@@ -132,7 +152,7 @@ def restore_layered(
     """A ``DynamicCache`` holding the first ``num_tokens`` tokens of ``past`` (at most its own),
     loading asynchronously on CUDA. Its layers write new tokens into a preallocated buffer of
     ``capacity`` tokens (grown when full) instead of concatenating. Validates ``past``.
-    ``tune``: the loads' launch shape (None: ``beside_compute(device)``)."""
+    ``tune``: the loads' launch shape (None: ``beside_compute(device, codec=past.codec)``)."""
     from transformers import DynamicCache
 
     slots = check_host_prefix(past, layout, dtype)
@@ -143,13 +163,22 @@ def restore_layered(
     # [L, 2, H, T, D]: every layer's keys and values, room for whole pages and the suffix
     kv = torch.empty((L, 2, H, max(capacity, pages * P), D), dtype=dtype, device=device)
     loader: LayerLoader | None = None
-    if pages:
+    used = slots[:pages]
+    view = token_view(kv, P)[:, :, :pages]  # [L, 2, pages, H, P, D] view of kv
+    resident = (used < 0).nonzero().flatten()
+    if resident.numel():  # decoded already: one device copy before the loads
+        assert past.resident is not None  # check_host_prefix
+        src = past.resident[: resident.numel()].to(device).permute(1, 2, 0, 3, 4, 5)
+        view[:, :, resident.to(device)] = src
+    loaded = (used >= 0).nonzero().flatten()
+    if loaded.numel():
+        whole = loaded.numel() == pages
         job = prepare_rehydrate(
-            past.blocks, slots[:pages], past.codec, token_view(kv, P)[:, :, :pages]
+            past.blocks, used[loaded], past.codec, view, None if whole else loaded
         )
-        shape = tune if tune is not None else beside_compute(device)
+        shape = tune if tune is not None else beside_compute(device, codec=past.codec)
         loader = LayerLoader(lambda layer: job.run((layer, layer + 1), shape), L, device)
-        loader.start(keep_alive=(kv, job.slots))
+        loader.start(keep_alive=[t for t in (kv, job.slots, job.page_ids) if t is not None])
     cache = DynamicCache(config=config)
     cache.kvr_buffer = kv  # type: ignore[attr-defined]  # write_pages_async copies out of it
     layer_cls = prefetched_layer_class()

@@ -48,6 +48,8 @@ class TransformersState(KVState):
 
 
 class TransformersEngine(Engine):
+    accepts_host_prefix = True
+
     def __init__(
         self,
         loaded: LoadedModel,

@@ -22,7 +22,7 @@ from kvruntime.engines.chat import render
 from kvruntime.errors import BadRequest, ConfigError
 from kvruntime.runtime import OnToken, Runtime
 from kvruntime.server import schemas
-from kvruntime.server.errors import APIError, install_error_handlers
+from kvruntime.server.errors import APIError, BodyLimit, install_error_handlers
 from kvruntime.server.extensions import extension_routes, tenant_of
 from kvruntime.server.metrics import RequestMetrics, ServerMetrics
 from kvruntime.server.streaming import (
@@ -49,6 +49,9 @@ class ServerConfig:
     max_pin_ttl_s: float = 3600.0  # longer pins asked for are cut to this
     workers: int | None = None  # threads waiting on turns; None: the runtime's max_queue + 4
     max_turn_records: int = 1000  # most records /v1/kvruntime/turns returns
+    # larger request bodies are refused (413) unread; None: 1 MiB + 64 bytes per context token
+    max_body_bytes: int | None = None
+    max_prompt_tokens: int | None = None  # longer prompts are refused (400); None: the context
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -59,6 +62,14 @@ class ServerConfig:
             raise ConfigError("ServerConfig.max_pin_ttl_s and max_turn_records must be positive")
         if self.workers is not None and self.workers <= 0:
             raise ConfigError("ServerConfig.workers must be positive or None")
+        for name in ("max_body_bytes", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value <= 0):
+                raise ConfigError(f"ServerConfig.{name} must be a positive int or None")
+
+    def body_limit(self, max_context: int) -> int:
+        """The request-body limit in bytes for a model of ``max_context`` tokens."""
+        return self.max_body_bytes or (1 << 20) + 64 * max_context
 
     @property
     def model_ids(self) -> frozenset[str]:
@@ -83,6 +94,7 @@ def create_app(runtime: Runtime, config: ServerConfig) -> FastAPI:
     app.state.runtime = runtime
     app.state.metrics = metrics
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=config.body_limit(runtime.engine.max_context))
     app.add_middleware(RequestMetrics, metrics=metrics)
 
     def check_model(model: str) -> None:
@@ -94,6 +106,18 @@ def create_app(runtime: Runtime, config: ServerConfig) -> FastAPI:
                 param="model",
                 code="model_not_found",
             )
+
+    def limit_prompt(ids: list[int], param: str) -> list[int]:
+        """The configured prompt limit (the context's is checked with max_tokens)."""
+        most = config.max_prompt_tokens
+        if most is not None and len(ids) > most:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens, more than this server's limit of {most}",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return ids
 
     def context(
         request: Request, body: schemas.SamplingFields, limit: int | None, param: str
@@ -151,7 +175,9 @@ def create_app(runtime: Runtime, config: ServerConfig) -> FastAPI:
 
         def prompt() -> list[int]:
             try:
-                return render(runtime.tokenizer, body.messages, body.tools)
+                return limit_prompt(
+                    render(runtime.tokenizer, body.messages, body.tools), "messages"
+                )
             except BadRequest as exc:
                 param = "tools" if str(exc).startswith("tools") else "messages"
                 raise APIError(400, str(exc), param=param) from None
@@ -189,8 +215,9 @@ def create_app(runtime: Runtime, config: ServerConfig) -> FastAPI:
 
         def prompt() -> list[int]:
             if isinstance(given, str):
-                return list(runtime.tokenizer.encode(given, add_special_tokens=True))
-            return runner.check_token_ids(given)
+                ids = list(runtime.tokenizer.encode(given, add_special_tokens=True))
+                return limit_prompt(ids, "prompt")
+            return limit_prompt(runner.check_token_ids(given), "prompt")
 
         async def finish(outcome: TurnOutcome) -> Finished:
             result = outcome.result

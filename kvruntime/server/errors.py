@@ -1,9 +1,10 @@
 """Every failure as OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
 
 Mapping: kvruntime's ``BadRequest`` (bad messages, sampling values, an over-long prompt) and
-request validation (pydantic's 422) -> 400; an unknown model or route -> 404; ``Overloaded``
-and other capacity errors -> 503 with ``Retry-After``; anything unexpected -> 500, logged, and
-the server keeps serving.
+request validation (pydantic's 422) -> 400; an unknown model or route -> 404; a body over the
+server's limit -> 413 (``BodyLimit``, before anything parses it); ``Overloaded`` and other
+capacity errors -> 503 with ``Retry-After``; anything unexpected -> 500, logged, and the
+server keeps serving.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvruntime.errors import BadRequest, CapacityError, KVRuntimeError
 
@@ -83,6 +85,46 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
+def body_too_large(max_bytes: int) -> APIError:
+    return APIError(
+        413,
+        f"the request body is larger than this server's limit of {max_bytes} bytes",
+        code="request_too_large",
+    )
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 before anything
+    parses it: at once when its Content-Length says so, else as soon as the streamed body
+    passes the limit (the route's read raises; the error handlers answer)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            await error_response(body_too_large(limit))(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # FastAPI lets an HTTPException through its body parsing
+                    raise HTTPException(413, body_too_large(limit).message)
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = validation_message(exc.errors())
@@ -90,7 +132,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(_request: Request, exc: HTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        err = APIError(exc.status_code, str(exc.detail), type=kind)
+        code = "request_too_large" if exc.status_code == 413 else None
+        err = APIError(exc.status_code, str(exc.detail), type=kind, code=code)
         resp = error_response(err)
         if exc.headers:
             resp.headers.update(exc.headers)
