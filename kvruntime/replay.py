@@ -15,7 +15,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -76,14 +76,25 @@ def from_chats(
 
 
 def working_set_pages(sessions: Sequence[ReplaySession], page_size: int) -> int:
-    """Distinct full pages (as prefix chains) over every prompt: the KV worth keeping."""
+    """Distinct full pages (as prefix chains) over every prompt: all the KV the replay
+    computes, including prefixes that an edit or a compaction left behind."""
+    return _distinct_pages((t.tokens for s in sessions for t in s.turns), page_size)
+
+
+def live_kv_pages(sessions: Sequence[ReplaySession], page_size: int) -> int:
+    """Distinct full pages of each session's longest prompt: the most KV the sessions hold
+    live at once (shared pages, such as a common system prompt, counted once)."""
+    longest = (max((t.tokens for t in s.turns), key=len) for s in sessions if s.turns)
+    return _distinct_pages(longest, page_size)
+
+
+def _distinct_pages(prompts: Iterable[Sequence[int]], page_size: int) -> int:
     ids: dict[tuple[int, tuple[int, ...]], int] = {}
-    for s in sessions:
-        for t in s.turns:
-            parent = -1
-            for i in range(0, len(t.tokens) - page_size + 1, page_size):
-                key = (parent, t.tokens[i : i + page_size])
-                parent = ids.setdefault(key, len(ids))
+    for tokens in prompts:
+        parent = -1
+        for i in range(0, len(tokens) - page_size + 1, page_size):
+            key = (parent, tuple(tokens[i : i + page_size]))
+            parent = ids.setdefault(key, len(ids))
     return len(ids)
 
 
@@ -132,9 +143,11 @@ class ReplaySummary(NamedTuple):
     reuse: float  # cached / prompt tokens
     ttft_p50_s: float
     ttft_p90_s: float
+    ttft_p99_s: float
     ttft_mean_s: float
     service_ttft_p50_s: float
     service_ttft_p90_s: float
+    service_ttft_p99_s: float
     service_ttft_mean_s: float
     wall_s: float
     prompt_tokens_per_s: float  # end to end: prompt tokens served per second of the run
@@ -165,9 +178,11 @@ class ReplayResult:
             reuse=cached / prompt if prompt else 0.0,
             ttft_p50_s=quantile(ttft, 0.5),
             ttft_p90_s=quantile(ttft, 0.9),
+            ttft_p99_s=quantile(ttft, 0.99),
             ttft_mean_s=statistics.fmean(ttft) if ttft else 0.0,
             service_ttft_p50_s=quantile(service, 0.5),
             service_ttft_p90_s=quantile(service, 0.9),
+            service_ttft_p99_s=quantile(service, 0.99),
             service_ttft_mean_s=statistics.fmean(service) if service else 0.0,
             wall_s=self.wall_s,
             prompt_tokens_per_s=prompt / wall,
@@ -259,21 +274,22 @@ def _total(dicts: Any) -> dict[str, int]:
 
 def comparison_configs(
     base: RuntimeConfig,
-    working_set_bytes: int,
+    live_kv_bytes: int,
     redis_url: str | None,
     device_fraction: float = 0.25,
     host_fraction: float = 0.5,
     names: Sequence[str] = CONFIG_NAMES,
 ) -> dict[str, RuntimeConfig]:
     """The compared configurations under memory pressure: the device pool holds
-    ``device_fraction`` of the working set, the host tier ``host_fraction`` (uncompressed).
-    ``recompute``: ``reuse=False``; ``device``: no host tier, no Redis; ``host``: device and
-    host; ``redis-<codec>``: device, host and Redis with that codec. Redis configurations are
-    left out when ``redis_url`` is None. Each gets its own Redis namespace (no cross-hits)."""
+    ``device_fraction`` of the live KV (``live_kv_pages``), the host tier ``host_fraction``
+    (uncompressed). ``recompute``: ``reuse=False``; ``device``: no host tier, no Redis;
+    ``host``: device and host; ``redis-<codec>``: device, host and Redis with that codec.
+    Redis configurations are left out when ``redis_url`` is None. Each gets its own Redis
+    namespace (no cross-hits)."""
     if device_fraction <= 0 or host_fraction < 0:
         raise ConfigError("device_fraction must be > 0 and host_fraction >= 0")
-    device = max(1, int(working_set_bytes * device_fraction))
-    host = int(working_set_bytes * host_fraction)
+    device = max(1, int(live_kv_bytes * device_fraction))
+    host = int(live_kv_bytes * host_fraction)
     run = uuid.uuid4().hex[:8]
     out: dict[str, RuntimeConfig] = {}
     for name in names:

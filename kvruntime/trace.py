@@ -61,7 +61,7 @@ class Turn(NamedTuple):
     @property
     def tokens(self) -> int:
         """Prompt tokens as TokenRenderer renders them (blocks + the generation marker)."""
-        return sum(b.tokens for b in self.blocks) + 1
+        return _prompt_tokens(self.blocks)
 
 
 class SessionTrace(NamedTuple):
@@ -202,6 +202,15 @@ def _block(rng: random.Random, role: str, kind: str, tokens: int) -> Block:
     return Block(role, kind, (Chunk(_seed(rng), max(1, tokens - MARK_TOKENS)),))
 
 
+def _prompt_tokens(blocks: tuple[Block, ...]) -> int:
+    return sum(b.tokens for b in blocks) + 1  # + the generation marker
+
+
+def _growth(blocks: tuple[Block, ...], overlap: float) -> int:
+    """Tokens to append so that the current prompt is ``overlap`` of the next one."""
+    return max(2 * MARK_TOKENS + 2, round(_prompt_tokens(blocks) * (1 - overlap) / overlap))
+
+
 def _session(rng: random.Random, c: TraceConfig, system: Block, index: int) -> SessionTrace:
     n_turns = rng.randint(*c.turns)
     task = _block(rng, "user", "text", rng.randint(*c.task_tokens))
@@ -213,14 +222,13 @@ def _session(rng: random.Random, c: TraceConfig, system: Block, index: int) -> S
         if rng.random() < c.edit_prob:
             event = "edit"
             blocks = (_edit(rng, blocks[0]), *blocks[1:])
-        prev = sum(b.tokens for b in blocks) + 1
-        o = rng.uniform(*c.overlap)
-        new = max(2 * MARK_TOKENS + 2, round(prev * (1 - o) / o))
-        if prev + new > c.max_prompt_tokens:
+        overlap = rng.uniform(*c.overlap)
+        new = _growth(blocks, overlap)
+        if _prompt_tokens(blocks) + new > c.max_prompt_tokens:
             event = "compact"  # the agent replaces its history with a summary
             summary = _block(rng, "user", "text", max(c.task_tokens[1], c.max_prompt_tokens // 8))
             blocks = (blocks[0], summary)
-            new = max(2 * MARK_TOKENS + 2, round((sum(b.tokens for b in blocks) + 1) * (1 - o) / o))
+            new = _growth(blocks, overlap)
         call = min(rng.randint(*c.call_tokens), new // 2)
         if event == "user":
             reply = (
@@ -241,9 +249,10 @@ def _session(rng: random.Random, c: TraceConfig, system: Block, index: int) -> S
 
 
 class TokenRenderer:
-    """Blocks -> token ids for a vocabulary of ``vocab_size``: a role marker, the chunks'
-    seeded ids, an end marker. Ids below ``reserved`` are markers only (role starts at 3..6,
-    end 7), so a random model's eos (keep it below ``reserved``) never appears in content."""
+    """Token ids for a model without a tokenizer, vocabulary ``vocab_size``. A block renders
+    as a role marker, its chunks' seeded ids and an end marker; ``chat`` renders OpenAI-shaped
+    messages by hashing words. Ids below ``reserved`` are markers only (roles 3..6, end 7), so
+    a random model's eos (keep it below ``reserved``) never appears in content."""
 
     ROLE_IDS: ClassVar[dict[str, int]] = {"system": 3, "user": 4, "assistant": 5, "tool": 6}
     END_ID = 7

