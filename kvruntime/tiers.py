@@ -2,6 +2,9 @@
 tier, with the operations that move pages between them (allocation with eviction, host room,
 Redis stores, background write-back). The radix index says where each page lives; the tiers
 hold the bytes. One re-entrant lock guards the index, the allocator and the host tier's books.
+Write-back copies outside it: host slots are reserved under the lock, filled without it (on CUDA
+on write-back's own low-priority stream, after an event recorded at commit, into pinned rows),
+and published under it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from kvruntime.config import RuntimeConfig
 from kvruntime.errors import BadRequest, CapacityError
+from kvruntime.kernels.dispatch import backend_for, prepare_rehydrate
 from kvruntime.kernels.layout import PageLayout, dtype_name
 from kvruntime.radix import Handle, PageInfo, RadixConfig, RadixTree, storage_key
 from kvruntime.store.codec import Codec, get_codec
@@ -65,6 +69,11 @@ class Tiers:
         self._recoveries_seen = 0
         self.spill_ids = itertools.count()
         self._writeback = WriteBack(self._write_job) if config.write_back else None
+        # write-back's own CUDA stream, lowest priority: its copies queue behind nothing of the
+        # turn's and never stall the compute stream (None on CPU, where copies are plain)
+        self._side: torch.cuda.Stream | None = None
+        if self.pool.kv.is_cuda and self._writeback is not None:
+            self._side = torch.cuda.Stream(self.pool.kv.device, priority=0)
 
     def alloc(self, n: int) -> list[int]:
         """Up to ``n`` device pages, evicting unlocked pages as the policy orders."""
@@ -195,11 +204,16 @@ class Tiers:
         if not todo:
             return {}
         self.tree.lock(handle)
+        ready = None
+        if self._side is not None:  # the pages were written on the committer's stream
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.pool.kv.device))
         job = WriteJob(
             handle=handle,
             pages=tuple(todo),
             tokens=tokens,
             staged={p.index: staged[p.index] for p in todo if p.index in staged},
+            ready=ready,
         )
         self._writeback.submit(job)
         out: dict[str, int] = {}
@@ -225,9 +239,14 @@ class Tiers:
                 self.trim_redis_index()  # the job's pages may leave now
 
     def _encode(self, codec: Codec, pages: Sequence[PageInfo], job: WriteJob) -> torch.Tensor:
-        """[n, page_nbytes] uint8 on the host: from the pool (device pages are locked by the
-        job) or from the job's staged copies of pages that never reached the device."""
-        out = torch.empty((len(pages), codec.page_nbytes(self.layout)), dtype=torch.uint8)
+        """[n, page_nbytes] uint8 on the host (pinned on CUDA): from the pool (device pages
+        are locked by the job) or from the job's staged copies of pages that never reached
+        the device."""
+        out = torch.empty(
+            (len(pages), codec.page_nbytes(self.layout)),
+            dtype=torch.uint8,
+            pin_memory=self._side is not None,
+        )
         staged = [j for j, p in enumerate(pages) if p.index in job.staged]
         pooled = [j for j, p in enumerate(pages) if p.index not in job.staged]
         if staged:
@@ -235,25 +254,114 @@ class Tiers:
             out[staged] = codec.encode(stack).cpu()
         if pooled:
             device = [pages[j].location.device for j in pooled]
-            ids = self.pool.ids_tensor([d for d in device if d is not None])  # locked: all set
-            out[pooled] = codec.encode_from_pool(self.pool.kv, ids, self.layout).cpu()
+            ids = [d for d in device if d is not None]  # locked: all set
+            if self._side is None:
+                out[pooled] = codec.encode_from_pool(
+                    self.pool.kv, self.pool.ids_tensor(ids), self.layout
+                )
+            else:
+                # all pages pooled (the usual case): straight into ``out``; else a pinned buffer
+                rows = out
+                if len(pooled) < len(pages):
+                    rows = torch.empty(
+                        (len(pooled), out.shape[1]), dtype=torch.uint8, pin_memory=True
+                    )
+                self._on_side(job, lambda: self._encode_into(codec, ids, rows, None))
+                if rows is not out:
+                    out[pooled] = rows
         return out
 
+    def _on_side(self, job: WriteJob, launch: Callable[[], None]) -> None:
+        """Run ``launch`` on write-back's stream after the job's pages were written, and
+        wait for that stream's work only (never the device)."""
+        side = self._side
+        assert side is not None
+        with torch.cuda.stream(side):
+            if job.ready is not None:
+                side.wait_event(job.ready)
+            launch()
+            done = torch.cuda.Event()
+            done.record(side)
+        done.synchronize()
+
+    def _encode_into(
+        self, codec: Codec, ids: list[int], host: torch.Tensor, slots: list[int] | None
+    ) -> None:
+        """On the current (side) stream: encode pool pages ``ids`` and copy them into pinned
+        ``host`` rows (``slots``, or rows 0..n-1), asynchronously. The caller waits."""
+        dev = codec.encode_from_pool(self.pool.kv, self.pool.ids_tensor(ids), self.layout)
+        rows = slots if slots is not None else list(range(len(ids)))
+        j = 0
+        while j < len(rows):  # one copy per run of consecutive rows
+            k = j + 1
+            while k < len(rows) and rows[k] == rows[k - 1] + 1:
+                k += 1
+            host[rows[j] : rows[j] + k - j].copy_(dev[j:k], non_blocking=True)
+            j = k
+        # the side stream's allocator owns ``dev``; it is freed once the caller has waited
+
+    def _fill_host(self, job: WriteJob, pages: Sequence[PageInfo], slots: list[int]) -> None:
+        """Write the pages' host-codec blocks into reserved rows ``slots`` (outside the lock:
+        reserved rows are neither read nor evicted until published)."""
+        assert self.host is not None
+        rows = self.host.blocks
+        if self._side is None or not rows.is_pinned():
+            idx = torch.as_tensor(slots, dtype=torch.int64)
+            rows.index_copy_(0, idx, self._encode(self.host_codec, pages, job))
+            return
+        staged = [j for j, p in enumerate(pages) if p.index in job.staged]
+        if staged:
+            stack = torch.stack([job.staged[pages[j].index] for j in staged])
+            idx = torch.as_tensor([slots[j] for j in staged], dtype=torch.int64)
+            rows.index_copy_(0, idx, self.host_codec.encode(stack).cpu())
+        pooled = [j for j, p in enumerate(pages) if p.index not in job.staged]
+        if not pooled:
+            return
+        device = [pages[j].location.device for j in pooled]
+        ids = [d for d in device if d is not None]  # locked: all set
+        dst = [slots[j] for j in pooled]
+        if self.host_codec.name == "none" and backend_for(self.pool.kv) == "triton":
+            from kvruntime.kernels.host_copy import STORE_BESIDE_COMPUTE
+
+            # the kernel writes pool pages straight into the pinned rows over PCIe; its index
+            # tensors go to the device on the side stream, not behind the turn's kernels
+            def offload() -> None:
+                plan = prepare_rehydrate(
+                    rows,
+                    torch.as_tensor(dst, dtype=torch.int64),
+                    "none",
+                    self.pool.kv,
+                    torch.as_tensor(ids, dtype=torch.int64),
+                )
+                plan.store(tune=STORE_BESIDE_COMPUTE)
+
+            self._on_side(job, offload)
+        else:
+            self._on_side(job, lambda: self._encode_into(self.host_codec, ids, rows, dst))
+
     def _write_host(self, job: WriteJob, pages: Sequence[PageInfo]) -> None:
+        """Reserve slots under the lock, fill them outside it, publish under it."""
         assert self.host is not None
         if not pages:
             return
-        blocks = self._encode(self.host_codec, pages, job)
-        keys = [storage_key(p.page_hash, self.host_codec.name, p.exact) for p in pages]
         with self.lock:
             room = self.make_host_room(len(pages))
             if room < len(pages):
                 log.info("host tier full of locked pages; %d pages not written", len(pages) - room)
             if not room:
                 return
-            self.host.put_many(keys[:room], blocks[:room])
-            slots = self.host.slots_of(keys[:room])
-            updates = {p.index: s for p, s in zip(pages, slots, strict=False) if s is not None}
+            slots = self.host.reserve(room)
+        pages = pages[:room]
+        try:
+            self._fill_host(job, pages, slots)
+        except BaseException:
+            with self.lock:
+                self.host.release(slots)
+            raise
+        keys = [storage_key(p.page_hash, self.host_codec.name, p.exact) for p in pages]
+        with self.lock:
+            placed = self.host.publish(keys, slots)
+            updates = {p.index: s for p, s in zip(pages, placed, strict=True)}
             self.tree.set_location(job.handle, "host", updates)
 
     def _write_redis(self, job: WriteJob, pages: Sequence[PageInfo]) -> None:

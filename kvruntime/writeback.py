@@ -23,6 +23,9 @@ class WriteJob:
     tokens: list[int]  # the committed tokens; page i is tokens[i*P:(i+1)*P]
     # pages that never reached the device pool, by page index: [L, 2, H, P, D] each
     staged: dict[int, torch.Tensor] = field(default_factory=dict)
+    # CUDA pool: an event recorded on the committing stream after the pages were written; the
+    # job's copies wait on it (on their own stream) so they read finished pages. None on CPU.
+    ready: torch.cuda.Event | None = None
 
     def tokens_of(self, index: int, page_size: int) -> list[int]:
         return self.tokens[index * page_size : (index + 1) * page_size]

@@ -71,6 +71,7 @@ class HostTier:
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order: oldest first
         self._pinned_keys: dict[str, int] = {}
         self._free = list(range(config.num_slots - 1, -1, -1))
+        self._reserved: set[int] = set()  # slots being filled outside the caller's lock
         self._hits = self._misses = self._evictions = 0
 
     def __contains__(self, key: object) -> bool:
@@ -137,6 +138,49 @@ class HostTier:
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    @property
+    def num_reserved(self) -> int:
+        return len(self._reserved)
+
+    def reserve(self, n: int) -> list[int]:
+        """Take ``n`` free slots for a caller to fill outside its lock (``blocks[slot]``), then
+        ``publish`` or ``release``. A reserved slot has no key: lookups cannot see it and
+        eviction cannot take it. Evicts nothing (make room first); raises ``CapacityError``
+        (reserving nothing) when fewer than ``n`` slots are free."""
+        if n > len(self._free):
+            raise CapacityError(f"{n} slots wanted, {len(self._free)} free")
+        slots = [self._free.pop() for _ in range(n)]
+        self._reserved.update(slots)
+        return slots
+
+    def publish(self, keys: Sequence[str], slots: Sequence[int]) -> list[int]:
+        """Make reserved ``slots`` (now filled) resident under ``keys``. A key that became
+        resident meanwhile keeps its slot (refreshed) and the reserved one is freed. Returns
+        each key's slot. Raises ValueError (changing nothing) for a slot not reserved."""
+        if len(keys) != len(slots):
+            raise ValueError(f"{len(keys)} keys for {len(slots)} slots")
+        if not self._reserved.issuperset(slots) or len(set(slots)) != len(slots):
+            raise ValueError(f"publish of slots not reserved: {sorted(slots)}")
+        out: list[int] = []
+        for k, slot in zip(keys, slots, strict=True):
+            self._reserved.discard(slot)
+            if k in self._slot_of:
+                self._slot_of.move_to_end(k)
+                self._free.append(slot)
+                out.append(self._slot_of[k])
+            else:
+                self._slot_of[k] = slot
+                out.append(slot)
+        return out
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Give reserved ``slots`` back unpublished (the fill failed). Slots not reserved are
+        ignored, so a cleanup path may call it twice."""
+        for slot in slots:
+            if slot in self._reserved:
+                self._reserved.discard(slot)
+                self._free.append(slot)
 
     def discard_slots(self, slots: Sequence[int]) -> int:
         """Drop the pages in ``slots`` (the runtime's index decided which); returns how many."""

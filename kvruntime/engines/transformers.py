@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kvruntime.engines.attention import use_fast_causal
 from kvruntime.engines.base import (
     Engine,
     GeneratedToken,
@@ -31,6 +32,8 @@ from kvruntime.errors import BadRequest, ConfigError
 @dataclass(frozen=True)
 class EngineConfig:
     prefill_chunk_tokens: int = 2048  # bounds the attention scratch of a long prompt
+    # bottom-right causal SDPA after cached tokens (engines/attention.py); False: stock sdpa
+    fast_causal_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.prefill_chunk_tokens <= 0:
@@ -66,6 +69,7 @@ class TransformersEngine(Engine):
         self.max_context = loaded.max_context
         self.stop_token_ids = _stop_tokens(loaded)
         self._clock = clock
+        use_fast_causal(self.model, self.config.fast_causal_attention)
         # transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (5.17 has only
         # the old name, 5.40 will drop it): use whichever this version declares.
         params = inspect.signature(self.model.forward).parameters
