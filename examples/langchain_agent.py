@@ -11,53 +11,43 @@ Run: ``kvruntime serve --model smollm2`` then ``python examples/langchain_agent.
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 from _reuse_table import TurnReuse, from_usage, print_reuse
+from _weather import QUESTIONS, SOLVED, SYSTEM, parse_args, weather_json
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
-WEATHER = {"Paris": 18, "Oslo": 4, "Madrid": 27, "Rome": 25, "Berlin": 14}
-QUESTIONS = ["Weather in Paris?", "Weather in Oslo?", "Which is warmer?", "Weather in Madrid?"]
-
 
 @tool
 def get_weather(city: str) -> str:
     """Current temperature in Celsius for a city."""
-    return json.dumps({"temp_c": WEATHER.get(city.strip().title(), 20)})
+    return weather_json(city)
 
 
 def worked_examples() -> list[AnyMessage]:
     """Two solved exchanges, so that a small model sees how a call looks."""
     messages: list[AnyMessage] = []
-    for i, (city, temp) in enumerate([("Rome", 25), ("Berlin", 14)]):
+    for i, (city, temp) in enumerate(SOLVED):
         call = {"name": "get_weather", "args": {"city": city}, "id": f"call_{i}"}
         messages += [
             HumanMessage(f"Weather in {city}?"),
             AIMessage("", tool_calls=[call]),
-            ToolMessage(json.dumps({"temp_c": temp}), tool_call_id=f"call_{i}"),
+            ToolMessage(weather_json(city), tool_call_id=f"call_{i}"),
             AIMessage(f"It is {temp}°C in {city}."),
         ]
     return messages
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--max-tokens", type=int, default=40)
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     llm = ChatOpenAI(
         model=args.model, base_url=args.base_url, api_key="unused",  # type: ignore[arg-type]
         temperature=0, max_tokens=args.max_tokens,  # type: ignore[call-arg]
     )  # fmt: skip
-    agent = create_agent(
-        llm, [get_weather], system_prompt="You are a weather assistant. Use the tools."
-    )
+    agent = create_agent(llm, [get_weather], system_prompt=SYSTEM)
     history = worked_examples()
     turns: list[TurnReuse] = []
     for question in QUESTIONS:

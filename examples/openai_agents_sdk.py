@@ -11,12 +11,12 @@ Run: ``kvruntime serve --model smollm2`` then ``python examples/openai_agents_sd
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 from typing import Any
 
 from _reuse_table import TurnReuse, from_usage, print_reuse
+from _weather import QUESTIONS, SOLVED, SYSTEM, parse_args, weather_json
 from agents import (
     Agent,
     ModelSettings,
@@ -27,20 +27,17 @@ from agents import (
 )
 from openai import AsyncOpenAI
 
-WEATHER = {"Paris": 18, "Oslo": 4, "Madrid": 27, "Rome": 25, "Berlin": 14}
-QUESTIONS = ["Weather in Paris?", "Weather in Oslo?", "Which is warmer?", "Weather in Madrid?"]
-
 
 @function_tool
 def get_weather(city: str) -> str:
     """Current temperature in Celsius for a city."""
-    return json.dumps({"temp_c": WEATHER.get(city.strip().title(), 20)})
+    return weather_json(city)
 
 
 def worked_examples() -> list[Any]:
     """Two solved exchanges as SDK input items, so that a small model sees how a call looks."""
     items: list[Any] = []
-    for i, (city, temp) in enumerate([("Rome", 25), ("Berlin", 14)]):
+    for i, (city, temp) in enumerate(SOLVED):
         items += [
             {"role": "user", "content": f"Weather in {city}?"},
             {
@@ -52,7 +49,7 @@ def worked_examples() -> list[Any]:
             {
                 "type": "function_call_output",
                 "call_id": f"call_{i}",
-                "output": json.dumps({"temp_c": temp}),
+                "output": weather_json(city),
             },
             {"role": "assistant", "content": f"It is {temp}°C in {city}."},
         ]
@@ -64,7 +61,7 @@ async def run(base_url: str, model: str, max_tokens: int) -> list[TurnReuse]:
     client = AsyncOpenAI(base_url=base_url, api_key="unused")
     agent = Agent(
         name="weather",
-        instructions="You are a weather assistant. Use the tools.",
+        instructions=SYSTEM,
         tools=[get_weather],
         model=OpenAIChatCompletionsModel(model=model, openai_client=client),
         model_settings=ModelSettings(temperature=0, max_tokens=max_tokens, preserve_raw_usage=True),
@@ -85,11 +82,7 @@ async def run(base_url: str, model: str, max_tokens: int) -> list[TurnReuse]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--max-tokens", type=int, default=40)
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     turns = asyncio.run(run(args.base_url, args.model, args.max_tokens))
     print_reuse("openai agents sdk", turns)
 

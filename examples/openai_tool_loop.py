@@ -10,14 +10,13 @@ Run: ``kvruntime serve --model smollm2`` then ``python examples/openai_tool_loop
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
 import openai
 from _reuse_table import TurnReuse, from_usage, print_reuse
+from _weather import QUESTIONS, SOLVED, SYSTEM, parse_args, weather_json
 
-WEATHER = {"Paris": 18, "Oslo": 4, "Madrid": 27, "Rome": 25, "Berlin": 14}
 TOOLS: list[Any] = [
     {
         "type": "function",
@@ -32,38 +31,26 @@ TOOLS: list[Any] = [
         },
     }
 ]
-QUESTIONS = ["Weather in Paris?", "Weather in Oslo?", "Which is warmer?", "Weather in Madrid?"]
-
-
-def get_weather(city: str) -> dict[str, Any]:
-    return {"temp_c": WEATHER.get(city.strip().title(), 20)}
 
 
 def worked_examples() -> list[dict[str, Any]]:
     """Two solved exchanges, so that a small model sees how a call looks."""
-    messages: list[dict[str, Any]] = [
-        {"role": "system", "content": "You are a weather assistant. Use the tools."}
-    ]
-    for i, city in enumerate(["Rome", "Berlin"]):
+    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
+    for i, (city, temp) in enumerate(SOLVED):
         args = json.dumps({"city": city})
         call = {"id": f"call_{i}", "type": "function",
                 "function": {"name": "get_weather", "arguments": args}}  # fmt: skip
-        result = get_weather(city)
         messages += [
             {"role": "user", "content": f"Weather in {city}?"},
             {"role": "assistant", "content": None, "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": f"call_{i}", "content": json.dumps(result)},
-            {"role": "assistant", "content": f"It is {result['temp_c']}°C in {city}."},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": weather_json(city)},
+            {"role": "assistant", "content": f"It is {temp}°C in {city}."},
         ]
     return messages
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--max-tokens", type=int, default=40)
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     client = openai.OpenAI(base_url=args.base_url, api_key="unused")
     messages: list[Any] = worked_examples()
     turns: list[TurnReuse] = []
@@ -87,11 +74,9 @@ def main() -> None:
                 break
             for call in calls:
                 arguments = json.loads(call.function.arguments)
-                result = get_weather(str(arguments.get("city", "")))
+                result = weather_json(str(arguments.get("city", "")))
                 print(f"  tool {call.function.name}({call.function.arguments}) -> {result}")
-                messages.append(
-                    {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}
-                )
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
     print_reuse("openai tool loop", turns)
 
 
