@@ -235,25 +235,8 @@ def chat_chunk(
     token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk; ``delta=None`` gives the usage-only chunk (no choices)."""
-    choices: list[dict[str, Any]] = []
-    if delta is not None:
-        choice: dict[str, Any] = {
-            "index": 0,
-            "delta": delta,
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
-        if token_ids is not None:
-            choice["token_ids"] = token_ids
-        choices.append(choice)
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-    }
+    body = None if delta is None else {"delta": delta}
+    return _envelope(rid, "chat.completion.chunk", model, body, finish_reason, usage, token_ids)
 
 
 def text_completion(
@@ -265,20 +248,30 @@ def text_completion(
     token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """A text completion, or one chunk of a streamed one (``text=None``: usage only)."""
+    body = None if text is None else {"text": text}
+    return _envelope(rid, "text_completion", model, body, finish_reason, usage, token_ids)
+
+
+def _envelope(
+    rid: str,
+    kind: str,
+    model: str,
+    body: dict[str, Any] | None,
+    finish_reason: str | None,
+    usage: dict[str, Any] | None,
+    token_ids: list[int] | None,
+) -> dict[str, Any]:
+    """A response object of ``kind`` with one choice holding ``body`` (None: no choices)."""
     choices: list[dict[str, Any]] = []
-    if text is not None:
-        choice: dict[str, Any] = {
-            "index": 0,
-            "text": text,
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
+    if body is not None:
+        choice: dict[str, Any] = {"index": 0, **body, "logprobs": None}
+        choice["finish_reason"] = finish_reason
         if token_ids is not None:
             choice["token_ids"] = token_ids
         choices.append(choice)
     return {
         "id": rid,
-        "object": "text_completion",
+        "object": kind,
         "created": int(time.time()),
         "model": model,
         "choices": choices,
