@@ -257,8 +257,8 @@ def redis_url(choice: str) -> Iterator[tuple[str | None, str]]:
 def table(results: dict[str, ReplayResult]) -> tuple[list[str], list[list[object]]]:
     headers = [
         "config", "turns", "reuse", "device tok", "host tok", "redis tok", "TTFT mean ms",
-        "TTFT p50 ms", "TTFT p99 ms", "service mean ms", "service p99 ms", "prompt tok/s",
-        "wall s", "host MB read", "redis MB read", "vs device", "vs recompute",
+        "TTFT p50 ms", "TTFT p99 ms", "service mean ms", "service p99 ms", "engine ms/turn",
+        "prompt tok/s", "wall s", "host MB read", "redis MB read", "vs device", "vs recompute",
     ]  # fmt: skip
     means = {n: r.summary().ttft_mean_s for n, r in results.items()}
 
@@ -273,7 +273,8 @@ def table(results: dict[str, ReplayResult]) -> tuple[list[str], list[list[object
         rows.append([
             name, s.turns, f"{s.reuse:.0%}", by["device"], by["host"], by["redis"],
             s.ttft_mean_s * 1e3, s.ttft_p50_s * 1e3, s.ttft_p99_s * 1e3,
-            s.service_ttft_mean_s * 1e3, s.service_ttft_p99_s * 1e3, s.prompt_tokens_per_s,
+            s.service_ttft_mean_s * 1e3, s.service_ttft_p99_s * 1e3, s.engine_mean_s * 1e3,
+            s.prompt_tokens_per_s,
             s.wall_s, moved["host"] / MiB, moved["redis"] / MiB, ratio("device", name),
             ratio("recompute", name),
         ])  # fmt: skip
@@ -456,7 +457,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 s = one[name].summary()
                 print(f"  {name}: {s.turns} turns in {s.wall_s:.1f} s, reuse {s.reuse:.0%}, "
                       f"TTFT mean {s.ttft_mean_s * 1e3:.0f} ms (service "
-                      f"{s.service_ttft_mean_s * 1e3:.0f} ms), errors {s.errors}",
+                      f"{s.service_ttft_mean_s * 1e3:.0f} ms), engine {s.engine_mean_s * 1e3:.0f} "
+                      f"ms/turn (commit {s.commit_mean_s * 1e3:.0f}), errors {s.errors}",
                       flush=True)  # fmt: skip
                 meta["load_after"] = os.getloadavg()[0]
                 meta["run_s"] = time.perf_counter() - started
@@ -565,9 +567,9 @@ def publish(data: dict[str, Any], write_docs: bool, from_file: str = "", note_: 
         f"{meta['max_tokens']} tokens per turn (the engine decodes one session at a time, so "
         "long outputs would measure its decode loop, the same in every configuration, rather "
         "than the cache). **Memory pressure**: the device pool holds "
-        f"{meta['device_fraction']:g} of the workload's live KV (the pages of every session's "
-        "longest prompt, shared pages once: the most the sessions hold at one time; figures "
-        "per workload below), the host tier "
+        f"{meta['device_fraction']:g} of the workload's live KV (the most the sessions hold "
+        "at one time: the peak over turn steps of the pages of every running session's "
+        "current prompt, shared pages once; figures per workload below), the host tier "
         f"{meta['host_fraction']:g} (codec none); Redis: {meta['redis']}, unbounded. "
         "Configurations: *recompute* `reuse=False`; *device* a prefix cache in the device pool "
         "only (evicted pages are dropped, like a GPU-resident radix cache); *host* + the host "

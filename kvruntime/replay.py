@@ -82,10 +82,22 @@ def working_set_pages(sessions: Sequence[ReplaySession], page_size: int) -> int:
 
 
 def live_kv_pages(sessions: Sequence[ReplaySession], page_size: int) -> int:
-    """Distinct full pages of each session's longest prompt: the most KV the sessions hold
-    live at once (shared pages, such as a common system prompt, counted once)."""
-    longest = (max((t.tokens for t in s.turns), key=len) for s in sessions if s.turns)
-    return _distinct_pages(longest, page_size)
+    """The most KV the sessions hold live at the same time, in full pages: the sessions start
+    together and take one turn per step; at step k each session that still has a turn k
+    holds that turn's prompt (a finished session holds nothing). The peak over the steps of
+    the distinct pages held (shared pages, such as a common system prompt, counted once).
+
+    Each session's longest prompt summed would overstate it: sessions grow at different
+    paces and end at different turns, so their longest prompts are not live together (on
+    the H200 trace: 178,784 tokens that way against a peak of 110,240 held at one step)."""
+    steps = max((len(s.turns) for s in sessions), default=0)
+    return max(
+        (
+            _distinct_pages((s.turns[k].tokens for s in sessions if k < len(s.turns)), page_size)
+            for k in range(steps)
+        ),
+        default=0,
+    )
 
 
 def _distinct_pages(prompts: Iterable[Sequence[int]], page_size: int) -> int:
@@ -123,6 +135,8 @@ class TurnRow(NamedTuple):
     queue_s: float
     bytes_moved: dict[str, int]  # read from each tier into the device (analytics)
     bytes_written: dict[str, int]  # queued for write-back to each tier (analytics)
+    engine_s: float = 0.0  # the engine's time on the turn: queue_s to its result
+    commit_s: float = 0.0  # of which caching its pages after the decode
 
     @property
     def cached_tokens(self) -> int:
@@ -149,6 +163,8 @@ class ReplaySummary(NamedTuple):
     service_ttft_p90_s: float
     service_ttft_p99_s: float
     service_ttft_mean_s: float
+    engine_mean_s: float  # the engine's time per turn (a turn's share of what others wait for)
+    commit_mean_s: float
     wall_s: float
     prompt_tokens_per_s: float  # end to end: prompt tokens served per second of the run
     turns_per_s: float
@@ -184,6 +200,8 @@ class ReplayResult:
             service_ttft_p90_s=quantile(service, 0.9),
             service_ttft_p99_s=quantile(service, 0.99),
             service_ttft_mean_s=statistics.fmean(service) if service else 0.0,
+            engine_mean_s=statistics.fmean(r.engine_s for r in rows) if rows else 0.0,
+            commit_mean_s=statistics.fmean(r.commit_s for r in rows) if rows else 0.0,
             wall_s=self.wall_s,
             prompt_tokens_per_s=prompt / wall,
             turns_per_s=len(rows) / wall,
@@ -246,6 +264,8 @@ def replay(
                 queue_s=r.timings.queue_s,
                 bytes_moved=dict(rec.bytes_moved) if rec else {},
                 bytes_written=dict(rec.bytes_written) if rec else {},
+                engine_s=r.timings.total_s - r.timings.queue_s,
+                commit_s=r.timings.commit_s,
             )
         )
     return ReplayResult(tuple(rows), wall, tuple(errors))

@@ -31,7 +31,8 @@ class Timings:
     prefill_s: float = 0.0  # computing the uncached suffix
     ttft_s: float = 0.0  # from submission to the first generated token
     decode_s: float = 0.0  # the remaining tokens
-    total_s: float = 0.0
+    commit_s: float = 0.0  # caching the turn's pages (device copy, spills) before returning
+    total_s: float = 0.0  # from submission to the result, commit included
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 6) for k, v in asdict(self).items()}

@@ -260,6 +260,7 @@ class Runtime:
                     state.token_ids,
                     lambda first, count: self.engine.export_pages(state, first * P, count, P),
                 )
+            t_committed = clock()
         finally:
             if found is not None:
                 self.cache.release(found)
@@ -282,7 +283,8 @@ class Runtime:
             prefill_s=pre.prefill_s,
             ttft_s=t_first - submitted,
             decode_s=t_done - t_first,
-            total_s=t_done - submitted,
+            commit_s=t_committed - t_done,
+            total_s=t_committed - submitted,
         )
         usage = Usage(len(req.tokens), len(tokens), cached, by_tier)
         result = ChatResult(text, tokens, usage, timings, finish, req.turn, req.session_id)

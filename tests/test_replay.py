@@ -174,9 +174,19 @@ def test_working_set_chat_cut_and_quantiles() -> None:
     c = ReplayTurn((5, 6, 7, 8, 1, 2, 3, 4), 1, 0.0, "start")  # same tokens, other chain
     x, y = ReplaySession("x", (a, b)), ReplaySession("y", (c,))
     assert working_set_pages([x, y], 4) == 5
-    # live: each session's longest prompt (x: a), pages shared across sessions counted once
+    # live: the peak over steps of what the sessions hold together (step 0: a and c), pages
+    # shared across sessions counted once
     assert live_kv_pages([x, y], 4) == 4
     assert live_kv_pages([x, y, ReplaySession("z", (a,))], 4) == 4
+    assert live_kv_pages([], 4) == 0
+    # longest prompts not live together: step 0 holds a + e (3 pages), step 1 short + c (3);
+    # the longest prompts a and c would make 4
+    e = ReplayTurn((9, 9, 9, 9), 1, 0.0, "start")
+    short = ReplayTurn((1, 2, 3, 4), 1, 0.0, "tool")
+    grows = [ReplaySession("x", (a, short)), ReplaySession("y", (e, c))]
+    assert live_kv_pages(grows, 4) == 3
+    # a finished session holds nothing: y's one turn is not live at step 1
+    assert live_kv_pages([ReplaySession("x", (short, a)), ReplaySession("y", (c,))], 4) == 3
     msgs = ({"role": "user", "content": "one two three"},)
     longer = (*msgs, {"role": "assistant", "content": "four five six seven eight nine"})
     chat = ChatSession(
