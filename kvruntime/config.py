@@ -39,6 +39,9 @@ class RuntimeConfig:
     redis_latency_s: float = 0.0005
     min_redis_hit_tokens: int = 0  # skip Redis unless it restores at least this many tokens
     write_back: bool = True  # copy new pages to host/Redis in the background
+    # encoded pages waiting to be sent to Redis; a write-back that would pass this is not sent
+    # (its pages stay in the device/host tiers; tier_usage()["redis"]["writes_skipped"])
+    redis_write_backlog_bytes: int = 1024 * MiB
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -59,6 +62,11 @@ class RuntimeConfig:
             raise ConfigError(
                 "RuntimeConfig.max_redis_index_pages must be a positive int, got"
                 f" {self.max_redis_index_pages!r}"
+            )
+        if self.redis_write_backlog_bytes <= 0:
+            raise ConfigError(
+                "RuntimeConfig.redis_write_backlog_bytes must be positive, got"
+                f" {self.redis_write_backlog_bytes}"
             )
         if self.redis_ttl_s is not None and self.redis_ttl_s <= 0:
             raise ConfigError("RuntimeConfig.redis_ttl_s must be positive or None")

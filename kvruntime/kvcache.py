@@ -482,34 +482,60 @@ class KVCache:
         lossy_from: int,
     ) -> tuple[dict[int, PageLocation], dict[int, torch.Tensor]]:
         """Store pages that found no device page (they exist nowhere else) in the host tier
-        now, and what the host cannot take in Redis now. Returns their locations and the
-        pages themselves (for Redis write-back of the host-held ones)."""
+        now, and hand what the host cannot take to the Redis writer. Returns the locations of
+        the pages placed and, with a Redis tier, the host-held pages themselves on the CPU
+        (write-back sends them to Redis)."""
         if not spill or (self.host is None and self.redis is None):
             return {}, {}
-        staged: dict[int, torch.Tensor] = {}
+        exported: dict[int, torch.Tensor] = {}  # page index -> [L, 2, H, P, D], engine device
         for run in _runs(spill):
-            pages = export(run[0], len(run)).to(self.layout.dtype).cpu()
+            pages = export(run[0], len(run)).to(self.layout.dtype)
             for j, i in enumerate(run):
-                staged[i] = pages[j]  # [L, 2, H, P, D]
-        placed: dict[int, PageLocation] = {}
-        if self.host is not None:
-            with self._lock:
-                take = spill[: self.tiers.make_host_room(len(spill))]
-                if take:
-                    blocks = self.host_codec.encode(torch.stack([staged[i] for i in take]))
-                    keys = [f"spill:{next(self.tiers.spill_ids)}" for _ in take]
-                    self.host.put_many(keys, blocks)
-                    for i, slot in zip(take, self.host.slots_of(keys), strict=True):
-                        placed[i] = PageLocation(host=slot)
+                exported[i] = pages[j]
+        placed = self._spill_host(spill, exported) if self.host is not None else {}
+        staged: dict[int, torch.Tensor] = {}
+        if self.redis is None:
+            return placed, staged
+        if placed:
+            held = sorted(placed)
+            for i, page in zip(held, torch.stack([exported[i] for i in held]).cpu(), strict=True):
+                staged[i] = page
         rest = [i for i in spill if i not in placed]
-        if rest and self.redis is not None:
+        if rest:
+            # sent by the Redis writer thread (never waited for here), unindexed: the probe
+            # of a later lookup finds them by hash; indexed only when stored synchronously
             P = self.layout.page_size
             hashes = chain_hashes(found.namespace, tokens[: (rest[-1] + 1) * P], P)
             meta = [(i, hashes[i], i < lossy_from) for i in rest]
-            blocks = self.redis_codec.encode(torch.stack([staged[i] for i in rest]))
-            for i, key in self.tiers.store_redis(meta, blocks, tokens).items():
+            blocks = self.redis_codec.encode(torch.stack([exported[i] for i in rest])).cpu()
+            for i, key in self.tiers.send_redis(meta, blocks, tokens).items():
                 placed[i] = PageLocation(redis=key)
         return placed, staged
+
+    def _spill_host(
+        self, spill: list[int], exported: dict[int, torch.Tensor]
+    ) -> dict[int, PageLocation]:
+        """The leading spilled pages the host tier has room for, encoded where they are and
+        copied straight into reserved rows (from CUDA: one DMA per run of rows, no pageable
+        staging), filled outside the lock and published under it."""
+        assert self.host is not None
+        with self._lock:
+            room = self.tiers.make_host_room(len(spill))
+            slots = self.host.reserve(room) if room else []
+        if not slots:
+            return {}
+        take = spill[: len(slots)]
+        try:
+            blocks = self.host_codec.encode(torch.stack([exported[i] for i in take]))
+            self.host.write_rows(slots, blocks)
+        except BaseException:
+            with self._lock:
+                self.host.release(slots)
+            raise
+        keys = [f"spill:{next(self.tiers.spill_ids)}" for _ in take]
+        with self._lock:
+            held = self.host.publish(keys, slots)
+        return {i: PageLocation(host=slot) for i, slot in zip(take, held, strict=True)}
 
     def _upgrade(self, tokens: list[int], ns: Namespace, split: int) -> int:
         """Exact KV replaces approximate KV cached for the same tokens: drop the approximate

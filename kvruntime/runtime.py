@@ -193,7 +193,12 @@ class Runtime:
                 "codec": c.host_codec.name,
             }
         if c.redis is not None:
-            out["redis"] = {"codec": c.redis_codec.name, **c.redis.stats()._asdict()}
+            out["redis"] = {
+                "codec": c.redis_codec.name,
+                **c.redis.stats()._asdict(),
+                "write_backlog_bytes": c.tiers.redis_backlog_bytes,
+                "writes_skipped": c.tiers.redis_writes_skipped,
+            }
         return out
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ and published under it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -27,7 +28,7 @@ from kvruntime.store.codec import Codec, get_codec
 from kvruntime.store.host import HostTier, HostTierConfig
 from kvruntime.store.pool import DevicePagePool, PoolConfig
 from kvruntime.store.wire import PREAMBLE_BYTES, encode_header
-from kvruntime.writeback import WriteBack, WriteJob
+from kvruntime.writeback import RedisWrite, WriteBack, WriteJob
 
 if TYPE_CHECKING:
     from kvruntime.store.redis_tier import RedisTier
@@ -68,7 +69,18 @@ class Tiers:
         self.max_redis_index_pages = config.max_redis_index_pages
         self._recoveries_seen = 0
         self.spill_ids = itertools.count()
-        self._writeback = WriteBack(self._write_job) if config.write_back else None
+        self._writeback: WriteBack[WriteJob] | None = None
+        self._sender: WriteBack[RedisWrite] | None = None  # Redis puts, on their own thread
+        if config.write_back:
+            self._writeback = WriteBack(self._write_job)
+            if self.redis is not None:
+                self._sender = WriteBack(self._send_redis, name="kvr-redis-writer")
+        # bytes encoded for Redis and not yet sent; a job that would pass the limit is not
+        # sent (its pages stay in the device/host tiers), counted in ``redis_writes_skipped``
+        self.redis_backlog_limit = config.redis_write_backlog_bytes
+        self.redis_backlog_bytes = 0
+        self.redis_writes_skipped = 0  # pages
+        self._backlog_lock = threading.Lock()
         # write-back's own CUDA stream, lowest priority: its copies queue behind nothing of the
         # turn's and never stall the compute stream (None on CPU, where copies are plain)
         self._side: torch.cuda.Stream | None = None
@@ -225,18 +237,25 @@ class Tiers:
 
     def _write_job(self, job: WriteJob) -> None:
         """Runs on the write-back thread: encode the pages from the pool (they are locked, so
-        their device pages stay put), store them, record the new locations, unlock."""
+        their device pages stay put), fill the host tier, record the new locations, unlock;
+        the Redis blocks go to the sender thread once the pages are unlocked."""
+        send: RedisWrite | None = None
         try:
             if self.host is not None:
                 self._write_host(job, [p for p in job.pages if p.location.host is None])
             if self.redis is not None:
-                self._write_redis(job, [p for p in job.pages if p.location.redis is None])
+                send = self._encode_redis(job, [p for p in job.pages if p.location.redis is None])
         except Exception:  # write-back must never take the runtime down
             log.exception("write-back failed; pages stay on the device only")
         finally:
             with self.lock:
                 self.tree.unlock(job.handle)
                 self.trim_redis_index()  # the job's pages may leave now
+        if send is not None:
+            if self._sender is not None:
+                self._sender.submit(send)
+            else:  # pragma: no cover - a Redis tier with write-back always has a sender
+                self._send_redis(send)
 
     def _encode(self, codec: Codec, pages: Sequence[PageInfo], job: WriteJob) -> torch.Tensor:
         """[n, page_nbytes] uint8 on the host (pinned on CUDA): from the pool (device pages
@@ -290,14 +309,11 @@ class Tiers:
         """On the current (side) stream: encode pool pages ``ids`` and copy them into pinned
         ``host`` rows (``slots``, or rows 0..n-1), asynchronously. The caller waits."""
         dev = codec.encode_from_pool(self.pool.kv, self.pool.ids_tensor(ids), self.layout)
-        rows = slots if slots is not None else list(range(len(ids)))
-        j = 0
-        while j < len(rows):  # one copy per run of consecutive rows
-            k = j + 1
-            while k < len(rows) and rows[k] == rows[k - 1] + 1:
-                k += 1
-            host[rows[j] : rows[j] + k - j].copy_(dev[j:k], non_blocking=True)
-            j = k
+        if slots is None:
+            host[: len(ids)].copy_(dev, non_blocking=True)
+        else:
+            assert self.host is not None and host is self.host.blocks
+            self.host.write_rows(slots, dev, non_blocking=True)
         # the side stream's allocator owns ``dev``; it is freed once the caller has waited
 
     def _fill_host(self, job: WriteJob, pages: Sequence[PageInfo], slots: list[int]) -> None:
@@ -364,24 +380,81 @@ class Tiers:
             updates = {p.index: s for p, s in zip(pages, placed, strict=True)}
             self.tree.set_location(job.handle, "host", updates)
 
-    def _write_redis(self, job: WriteJob, pages: Sequence[PageInfo]) -> None:
-        assert self.redis is not None
+    def _encode_redis(self, job: WriteJob, pages: Sequence[PageInfo]) -> RedisWrite | None:
+        """The pages' Redis blocks (read while the job's lock holds them), or None when there
+        are none or the sender's backlog has no room for them (counted, not sent)."""
         if not pages:
-            return
-        blocks = self._encode(self.redis_codec, pages, job)
-        stored = self.store_redis(
-            [(p.index, p.page_hash, p.exact) for p in pages], blocks, job.tokens
-        )
-        if stored:
-            with self.lock:
-                self.tree.set_location(job.handle, "redis", dict(stored))
+            return None
+        nbytes = len(pages) * self.redis_codec.page_nbytes(self.layout)
+        if not self._reserve_backlog(nbytes, len(pages)):
+            return None
+        try:
+            blocks = self._encode(self.redis_codec, pages, job)
+        except BaseException:
+            self._sent(nbytes)
+            raise
+        meta = tuple((p.index, p.page_hash, p.exact) for p in pages)
+        return RedisWrite(job.handle, meta, blocks, job.tokens)
+
+    def send_redis(
+        self, pages: Sequence[tuple[int, bytes, bool]], blocks: torch.Tensor, tokens: list[int]
+    ) -> dict[int, str]:
+        """Store pages in Redis without an index entry (a lookup's probe finds them by hash):
+        queued for the sender thread when write-back runs (returns {}; skipped and counted
+        when the backlog is full), else stored now (returns the keys stored, by page index)."""
+        if self._sender is None:
+            return self.store_redis(pages, blocks, tokens)
+        nbytes = len(pages) * self.redis_codec.page_nbytes(self.layout)
+        if self._reserve_backlog(nbytes, len(pages)):
+            self._sender.submit(RedisWrite(None, tuple(pages), blocks, tokens))
+        return {}
+
+    def _reserve_backlog(self, nbytes: int, num_pages: int) -> bool:
+        """Count ``nbytes`` into the send backlog; False (pages counted as skipped) when that
+        would pass the limit. A batch finding the backlog empty always goes."""
+        with self._backlog_lock:
+            if self.redis_backlog_bytes and self.redis_backlog_bytes + nbytes > (
+                self.redis_backlog_limit
+            ):
+                self.redis_writes_skipped += num_pages
+                log.info("Redis send backlog full; %d pages not sent", num_pages)
+                return False
+            self.redis_backlog_bytes += nbytes
+            return True
+
+    def _send_redis(self, write: RedisWrite) -> None:
+        """Runs on the sender thread: store the blocks, then record the Redis locations of
+        pages still indexed under the write's handle."""
+        try:
+            stored = self.store_redis(write.pages, write.blocks, write.tokens)
+            if stored and write.handle is not None:
+                # evicted meanwhile (a stale handle): the lookup's probe finds them by hash
+                with self.lock, contextlib.suppress(BadRequest):
+                    self.tree.set_location(write.handle, "redis", dict(stored))
+                    self.trim_redis_index()
+        except Exception:
+            log.exception("Redis write-back failed; pages stay in the device/host tiers")
+        finally:
+            self._sent(len(write.pages) * self.redis_codec.page_nbytes(self.layout))
+
+    def _sent(self, nbytes: int) -> None:
+        with self._backlog_lock:
+            self.redis_backlog_bytes -= nbytes
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until queued write-backs are done (tests, shutdown)."""
-        return self._writeback.flush(timeout_s) if self._writeback else True
+        """Wait until queued write-backs are done, Redis sends included (tests, shutdown)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if self._writeback is not None and not self._writeback.flush(timeout_s):
+            return False
+        if self._sender is None:
+            return True
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self._sender.flush(left)
 
     def close(self) -> None:
         if self._writeback is not None:
-            self._writeback.close()
+            self._writeback.close()  # its last jobs may still hand blocks to the sender
+        if self._sender is not None:
+            self._sender.close()
         if self.redis is not None:
             self.redis.close()

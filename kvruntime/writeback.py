@@ -1,5 +1,10 @@
 """Background write-back: pages of finished turns go to the host tier and Redis on their own
-thread, so storing never blocks the next token."""
+threads, so storing never blocks the next token.
+
+A ``WriteJob`` (a committed turn's pages, locked) runs on the write-back thread: it fills the
+host tier and encodes the Redis blocks, then unlocks the pages. The encoded blocks go on as a
+``RedisWrite`` to a second thread that sends them, so a slow Redis never keeps pages locked
+(which would stop the device pool and the host tier from evicting them)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 
@@ -31,22 +37,37 @@ class WriteJob:
         return self.tokens[index * page_size : (index + 1) * page_size]
 
 
-class WriteBack:
+@dataclass(frozen=True)
+class RedisWrite:
+    """Pages encoded for Redis, to be sent. The handle is not locked: pages evicted meanwhile
+    keep their Redis values (a lookup's probe finds them by hash), only their locations are
+    not recorded. None: pages with no index entry (spilled at commit), found by the probe."""
+
+    handle: Handle | None
+    pages: tuple[tuple[int, bytes, bool], ...]  # (page index, page hash, exact)
+    blocks: torch.Tensor  # [n, page_nbytes] uint8 on the host, in the Redis codec
+    tokens: list[int]  # the committed tokens (each value's header carries its page's ids)
+
+
+J = TypeVar("J")
+
+
+class WriteBack(Generic[J]):
     """One worker thread running ``run(job)`` for each submitted job, in order."""
 
-    def __init__(self, run: Callable[[WriteJob], None]) -> None:
+    def __init__(self, run: Callable[[J], None], name: str = "kvr-writeback") -> None:
         self._run = run
-        self._queue: queue.Queue[WriteJob | None] = queue.Queue()
+        self._queue: queue.Queue[J | None] = queue.Queue()
         self._idle = threading.Condition()
         self._pending = 0
-        self._thread = threading.Thread(target=self._loop, name="kvr-writeback", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     @property
     def pending(self) -> int:
         return self._pending
 
-    def submit(self, job: WriteJob) -> None:
+    def submit(self, job: J) -> None:
         with self._idle:
             self._pending += 1
         self._queue.put(job)

@@ -154,6 +154,26 @@ class HostTier:
         self._reserved.update(slots)
         return slots
 
+    def write_rows(
+        self, slots: Sequence[int], blocks: torch.Tensor, non_blocking: bool = False
+    ) -> None:
+        """Copy ``blocks`` ([n, block_bytes] uint8, on any device) into rows ``slots`` (e.g.
+        reserved ones), one copy per run of consecutive slots: from a CUDA tensor into pinned
+        rows each run is one DMA transfer. ``non_blocking`` leaves CUDA copies in flight on
+        the current stream (the caller syncs before the rows are read or ``blocks`` freed)."""
+        if blocks.dim() != 2 or blocks.shape != (len(slots), self.config.block_bytes):
+            raise ValueError(
+                f"blocks must be [{len(slots)}, {self.config.block_bytes}], got"
+                f" {tuple(blocks.shape)}"
+            )
+        j = 0
+        while j < len(slots):
+            k = j + 1
+            while k < len(slots) and slots[k] == slots[k - 1] + 1:
+                k += 1
+            self.blocks[slots[j] : slots[j] + k - j].copy_(blocks[j:k], non_blocking=non_blocking)
+            j = k
+
     def publish(self, keys: Sequence[str], slots: Sequence[int]) -> list[int]:
         """Make reserved ``slots`` (now filled) resident under ``keys``. A key that became
         resident meanwhile keeps its slot (refreshed) and the reserved one is freed. Returns

@@ -21,6 +21,7 @@ from redis_servers import RedisCluster, RedisServer, wait_until
 from kvruntime.config import RuntimeConfig
 from kvruntime.engines.models import LoadedModel
 from kvruntime.engines.transformers import TransformersEngine
+from kvruntime.errors import ConfigError
 from kvruntime.results import ChatResult
 from kvruntime.runtime import Runtime
 from kvruntime.store.redis import key_slot
@@ -245,6 +246,64 @@ def test_redis_slowed_by_client_pause_still_serves(make: Any, oracle: Oracle) ->
         assert time.monotonic() - start >= 0.5  # the pause did hold the turn up
         assert r.usage.cached_tokens_by_tier["redis"] >= 0.8 * r.usage.prompt_tokens, r.usage
         assert not redis_stats(rt)["errors"]
+    finally:
+        server.close()
+
+
+def test_a_write_paused_redis_holds_no_page_locks(make: Any, oracle: Oracle) -> None:
+    """Write-back hands the encoded blocks to the Redis sender thread and unlocks the pages at
+    once: while Redis takes no writes the turn's pages stay evictable and later turns run; the
+    blocks land once it does, and another runtime reads them back."""
+    server = RedisServer()
+    tokens = [(7 * i) % 120 + 3 for i in range(61)]  # no session: nothing pins the prefix
+    want = oracle.rt.generate(tokens, max_tokens=MAX_TOKENS).token_ids
+    try:
+        rt = make(server.url)
+        tiers = rt.cache.tiers
+        # 1.5 s: within the tier's 2 s operation timeout, so the held send succeeds after
+        server.client().execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        paused = time.monotonic()
+        assert rt.generate(tokens, max_tokens=MAX_TOKENS).token_ids == want
+        # the send is held by the pause, and no page is locked meanwhile
+        wait_until(lambda: tiers.redis_backlog_bytes > 0 and not tiers.tree.stats().locked_pages)
+        assert tiers.tree.evictable_pages("device") == tiers.tree.stats().pages_by_tier["device"]
+        Agent(rt, oracle, "meanwhile").turn("step 0")
+        assert time.monotonic() - paused < 1.4, "the turns waited for the paused Redis"
+        assert redis_stats(rt)["puts"] == 0  # nothing was sent yet
+        assert rt.cache.flush(10)
+        stats = redis_stats(rt)
+        assert stats["puts"] > 0 and stats["write_backlog_bytes"] == 0
+        assert stats["writes_skipped"] == 0 and not stats["errors"]
+        r = make(server.url).generate(tokens, max_tokens=MAX_TOKENS)
+        assert r.token_ids == want
+        assert r.usage.cached_tokens_by_tier["redis"] >= 0.8 * len(tokens), r.usage
+    finally:
+        server.close()
+
+
+def test_a_full_redis_send_backlog_skips_and_counts(make: Any, oracle: Oracle) -> None:
+    """With the send backlog full, a write-back is not sent to Redis: counted, and its pages
+    stay where they are; turns are unaffected and the backlog drains once Redis is back."""
+    server = RedisServer()
+    try:
+        # one byte: only a job that finds the backlog empty is sent; a pool that takes every
+        # page, so nothing spills and each turn makes one write-back job
+        rt = make(server.url, device_pages=256, redis_write_backlog_bytes=1)
+        server.client().execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        for i in range(3):
+            Agent(rt, oracle, f"agent {i}").turn("step 0")
+            rt.cache.tiers._writeback.flush(5)  # type: ignore[union-attr]
+        assert rt.cache.flush(10)
+        stats = redis_stats(rt)
+        assert stats["writes_skipped"] > 0 and stats["write_backlog_bytes"] == 0
+        assert stats["puts"] > 0  # the first job, sent once Redis took writes again
+        fresh = make(server.url)
+        first = Agent(fresh, oracle, "agent 0").turn("step 0")
+        assert first.usage.cached_tokens_by_tier["redis"] > 0, first.usage
+        last = Agent(fresh, oracle, "agent 2").turn("step 0")
+        assert last.usage.cached_tokens_by_tier["redis"] == 0, last.usage  # never sent
+        with pytest.raises(ConfigError):
+            RuntimeConfig(redis_write_backlog_bytes=0)
     finally:
         server.close()
 

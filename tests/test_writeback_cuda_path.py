@@ -80,6 +80,19 @@ def test_publish_of_a_key_already_resident_frees_the_reserved_slot() -> None:
     assert host.num_free == 2 and len(host) == 1
 
 
+def test_write_rows_fills_runs_of_slots_and_checks_the_shape() -> None:
+    host = HostTier(HostTierConfig(capacity_bytes=6 * W, block_bytes=W))
+    slots = [4, 5, 1, 2, 3]  # two runs: 4-5 and 1-3
+    blocks = torch.arange(5, dtype=torch.uint8).repeat_interleave(W).view(5, W)
+    host.blocks[0] = 9
+    host.write_rows(slots, blocks)
+    for j, slot in enumerate(slots):
+        assert torch.equal(host.blocks[slot], blocks[j])
+    assert torch.equal(host.blocks[0], _blocks(1, 9)[0])  # not in slots: untouched
+    with pytest.raises(ValueError):
+        host.write_rows([0, 1], blocks)
+
+
 def test_concurrent_lookups_never_see_unpublished_rows() -> None:
     host = HostTier(HostTierConfig(capacity_bytes=64 * W, block_bytes=W))
     lock = threading.Lock()  # the runtime's lock: the tier itself is not thread-safe

@@ -171,7 +171,13 @@ def _redis_metrics(redis: dict[str, Any]) -> Iterator[Metric]:
         "kvruntime_redis_keys", "Redis page keys by outcome", labels=["outcome"]
     )
     outcomes = {k: redis.get(k, 0) for k in ("hits", "misses", "puts", "failed_puts")}
+    outcomes["write_skipped"] = redis.get("writes_skipped", 0)  # the send backlog was full
     yield _by_label(keys, outcomes)
+    backlog = GaugeMetricFamily(
+        "kvruntime_redis_write_backlog_bytes", "Encoded page bytes waiting to be sent to Redis"
+    )
+    backlog.add_metric([], float(redis.get("write_backlog_bytes", 0)))
+    yield backlog
     moved = CounterMetricFamily(
         "kvruntime_redis_bytes", "Page bytes read from and written to Redis", labels=["direction"]
     )
