@@ -7,8 +7,8 @@ prefix overlap per turn, log-uniform tool waits, edited system prompts and compa
 (``reuse=False``), ``device`` (a prefix cache in the device pool only: evicted pages are gone,
 like a GPU-resident radix cache), ``host`` (+ host tier), ``redis-int8`` / ``redis-int4``
 (+ Redis with that codec). Memory pressure: the device pool holds ``--device-fraction`` (a
-quarter) of the workload's live KV (its distinct pages, shared ones once), the host tier
-``--host-fraction`` (half); Redis is unbounded.
+quarter) of the workload's live KV (the most its sessions hold at one time, shared pages once:
+``replay.live_kv_pages``), the host tier ``--host-fraction`` (half); Redis is unbounded.
 
 CPU (SmolLM2; writes its docs/BENCHMARKS.md section and docs/agent_workload_*_cpu.png):
     .venv/bin/python benchmarks/bench_agent_workload.py --workload synthetic,bfcl --threads 2
@@ -18,6 +18,7 @@ ids, no tokenizer, no download). Run there with ``--out``, publish here with ``-
         --workload synthetic,bfcl --time-scale synthetic=0.3,bfcl=0.1 --out $OUT/agent.json \\
         --budget-s 360
     .venv/bin/python benchmarks/bench_agent_workload.py --from-json agent.json
+(docs/agent_workload.md, "Reproduce": the H200 runs' exact commands, Redis included.)
 ``--plan`` prints the workloads and budgets without replaying. ``--tiny``: the GPU code path
 with a tiny random Llama of the same structure (runs on the CPU; tests use it).
 """
@@ -83,7 +84,7 @@ COST = {
     "llama8b": (25_000.0, 25e9, 1e9),
 }
 # the run's defaults per device: on the GPU longer sessions (prompts up to 32K) and outputs
-# of 2 tokens (the engine decodes one session at a time, HF eager, ~14 tok/s on the H200)
+# of 2 tokens (the engine decodes one session at a time, HF eager, ~20 tok/s on the H200)
 DEFAULTS = {
     "cpu": {"sessions": 0, "turns": "", "max_tokens": 8, "bfcl_tasks": 4, "chunk": 0},
     "cuda": {"sessions": 8, "turns": "5,30", "max_tokens": 2, "bfcl_tasks": 8,
