@@ -469,7 +469,7 @@ class KVCache:
                 self.tiers.trim_redis_index()
                 return {}
             staged = {i: t for i, t in staged.items() if i < n}
-            written = self.tiers.queue_write_back(result.handle, tokens[: n * P], staged)
+            written = self.tiers.writer.queue(result.handle, tokens[: n * P], staged)
             self.tiers.trim_redis_index()  # after write-back locked what it will store
             return written
 
@@ -508,7 +508,7 @@ class KVCache:
             hashes = chain_hashes(found.namespace, tokens[: (rest[-1] + 1) * P], P)
             meta = [(i, hashes[i], i < lossy_from) for i in rest]
             blocks = self.redis_codec.encode(torch.stack([exported[i] for i in rest])).cpu()
-            for i, key in self.tiers.send_redis(meta, blocks, tokens).items():
+            for i, key in self.tiers.writer.send_redis(meta, blocks, tokens).items():
                 placed[i] = PageLocation(redis=key)
         return placed, staged
 

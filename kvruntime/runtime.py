@@ -196,8 +196,8 @@ class Runtime:
             out["redis"] = {
                 "codec": c.redis_codec.name,
                 **c.redis.stats()._asdict(),
-                "write_backlog_bytes": c.tiers.redis_backlog_bytes,
-                "writes_skipped": c.tiers.redis_writes_skipped,
+                "write_backlog_bytes": c.tiers.writer.redis_backlog_bytes,
+                "writes_skipped": c.tiers.writer.redis_writes_skipped,
             }
         return out
 

@@ -265,7 +265,9 @@ def test_a_write_paused_redis_holds_no_page_locks(make: Any, oracle: Oracle) -> 
         paused = time.monotonic()
         assert rt.generate(tokens, max_tokens=MAX_TOKENS).token_ids == want
         # the send is held by the pause, and no page is locked meanwhile
-        wait_until(lambda: tiers.redis_backlog_bytes > 0 and not tiers.tree.stats().locked_pages)
+        wait_until(
+            lambda: tiers.writer.redis_backlog_bytes > 0 and not tiers.tree.stats().locked_pages
+        )
         assert tiers.tree.evictable_pages("device") == tiers.tree.stats().pages_by_tier["device"]
         Agent(rt, oracle, "meanwhile").turn("step 0")
         assert time.monotonic() - paused < 1.4, "the turns waited for the paused Redis"
@@ -290,9 +292,10 @@ def test_a_full_redis_send_backlog_skips_and_counts(make: Any, oracle: Oracle) -
         # page, so nothing spills and each turn makes one write-back job
         rt = make(server.url, device_pages=256, redis_write_backlog_bytes=1)
         server.client().execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        # write-back runs the jobs in order: the first reserves the backlog and its send waits
+        # for the pause; the next ones find it taken
         for i in range(3):
             Agent(rt, oracle, f"agent {i}").turn("step 0")
-            rt.cache.tiers._writeback.flush(5)  # type: ignore[union-attr]
         assert rt.cache.flush(10)
         stats = redis_stats(rt)
         assert stats["writes_skipped"] > 0 and stats["write_backlog_bytes"] == 0

@@ -179,7 +179,7 @@ def test_failed_fill_releases_the_reservation(
         def broken(*args: object) -> None:
             raise RuntimeError("injected copy failure")
 
-        monkeypatch.setattr(tiers, "_fill_host", broken)
+        monkeypatch.setattr(tiers.writer, "_fill_host", broken)
         _turn(rt, "A turn whose write-back fails half way through its copies. " * 2)
         host = tiers.host
         assert host is not None
