@@ -294,6 +294,9 @@ def test_metrics_agree_with_what_was_sent(server: ServerProcess, oai: openai.Ope
     stats = httpx.get(server.url + "/v1/kvruntime/stats").json()
     assert m1[("kvruntime_prefix_cache_queries_tokens_total", ())] == stats["prompt_tokens"]
     assert m1[("kvruntime_redis_bytes_total", (("direction", "write"),))] > 0  # write-back ran
+    # nothing skipped, and the sender's backlog is a gauge (0 once the send is done)
+    assert m1[("kvruntime_redis_keys_total", (("outcome", "write_skipped"),))] == 0
+    assert ("kvruntime_redis_write_backlog_bytes", ()) in m1
 
 
 def test_session_pin_and_prefetch_endpoints(server: ServerProcess, oai: openai.OpenAI) -> None:
