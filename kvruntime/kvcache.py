@@ -38,6 +38,7 @@ from kvruntime.radix import (
 )
 from kvruntime.radix import page_hashes as chain_hashes
 from kvruntime.results import TIERS
+from kvruntime.store.host import runs_of
 from kvruntime.store.wire import decode_page
 from kvruntime.tiers import Tiers
 
@@ -419,9 +420,9 @@ class KVCache:
         with self._lock:
             ids = self.tiers.alloc(len(need))
         new_device = dict(zip(need, ids, strict=False))
-        for run in _runs(need[: len(ids)]):
-            pages = export(run[0], len(run))
-            dst = self.pool.ids_tensor([new_device[j] for j in run])
+        for first, _, count in runs_of(need[: len(ids)]):
+            pages = export(first, count)
+            dst = self.pool.ids_tensor([new_device[j] for j in range(first, first + count)])
             scatter_pages(pages.to(self.pool.kv.device, self.layout.dtype), dst, self.pool.kv)
         # pages the device pool could not take spill straight to the host tier
         spill = [i for i in need[len(ids) :] if i >= len(known) or known[i] == PageLocation()]
@@ -488,10 +489,10 @@ class KVCache:
         if not spill or (self.host is None and self.redis is None):
             return {}, {}
         exported: dict[int, torch.Tensor] = {}  # page index -> [L, 2, H, P, D], engine device
-        for run in _runs(spill):
-            pages = export(run[0], len(run)).to(self.layout.dtype)
-            for j, i in enumerate(run):
-                exported[i] = pages[j]
+        for first, _, count in runs_of(spill):
+            pages = export(first, count).to(self.layout.dtype)
+            for j in range(count):
+                exported[first + j] = pages[j]
         placed = self._spill_host(spill, exported) if self.host is not None else {}
         staged: dict[int, torch.Tensor] = {}
         if self.redis is None:
@@ -599,14 +600,3 @@ def tenant_salt(secret: bytes, tenant: str) -> bytes:
     key = secret if len(secret) <= 64 else hashlib.blake2b(secret).digest()
     h = hashlib.blake2b(tenant.encode(), key=key, digest_size=16, person=_TENANT_PERSON)
     return h.digest()
-
-
-def _runs(indices: Sequence[int]) -> list[list[int]]:
-    """Split sorted page indices into runs of consecutive ones."""
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and runs[-1][-1] + 1 == i:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs

@@ -166,13 +166,10 @@ class HostTier:
                 f"blocks must be [{len(slots)}, {self.config.block_bytes}], got"
                 f" {tuple(blocks.shape)}"
             )
-        j = 0
-        while j < len(slots):
-            k = j + 1
-            while k < len(slots) and slots[k] == slots[k - 1] + 1:
-                k += 1
-            self.blocks[slots[j] : slots[j] + k - j].copy_(blocks[j:k], non_blocking=non_blocking)
-            j = k
+        for slot, index, count in runs_of(slots):
+            self.blocks[slot : slot + count].copy_(
+                blocks[index : index + count], non_blocking=non_blocking
+            )
 
     def publish(self, keys: Sequence[str], slots: Sequence[int]) -> list[int]:
         """Make reserved ``slots`` (now filled) resident under ``keys``. A key that became
@@ -250,3 +247,16 @@ class HostTier:
             misses=self._misses,
             evictions=self._evictions,
         )
+
+
+def runs_of(values: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first value, its position, count) of each run of consecutive values, in order: the
+    copies a list of slots or page indices needs, one per run."""
+    runs: list[tuple[int, int, int]] = []
+    for i, v in enumerate(values):
+        if runs and runs[-1][0] + runs[-1][2] == v:
+            first, index, count = runs[-1]
+            runs[-1] = (first, index, count + 1)
+        else:
+            runs.append((v, i, 1))
+    return runs

@@ -16,7 +16,7 @@ from kvruntime.engines.models import LoadedModel
 from kvruntime.engines.transformers import TransformersEngine
 from kvruntime.errors import CapacityError
 from kvruntime.runtime import Runtime
-from kvruntime.store.host import HostTier, HostTierConfig
+from kvruntime.store.host import HostTier, HostTierConfig, runs_of
 
 W = 16  # block bytes
 
@@ -91,6 +91,9 @@ def test_write_rows_fills_runs_of_slots_and_checks_the_shape() -> None:
     assert torch.equal(host.blocks[0], _blocks(1, 9)[0])  # not in slots: untouched
     with pytest.raises(ValueError):
         host.write_rows([0, 1], blocks)
+    # (first value, position, count) per run: one copy each
+    assert runs_of([4, 5, 1, 2, 3, 7]) == [(4, 0, 2), (1, 2, 3), (7, 5, 1)]
+    assert runs_of([]) == []
 
 
 def test_concurrent_lookups_never_see_unpublished_rows() -> None:

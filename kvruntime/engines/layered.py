@@ -27,6 +27,7 @@ from kvruntime.engines.models import KVShape
 from kvruntime.errors import BadRequest
 from kvruntime.kernels import page_format, prepare_rehydrate, token_view
 from kvruntime.store.codec import get_codec
+from kvruntime.store.host import runs_of
 
 DECODE_HEADROOM = 256  # tokens of decoding the restored caches take before their first regrowth
 
@@ -284,18 +285,6 @@ class PendingWrite:
             self._event.synchronize()
 
 
-def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
-    """(first slot, first index, count) of each run of consecutive slots."""
-    runs: list[tuple[int, int, int]] = []
-    for i, s in enumerate(slots):
-        if runs and runs[-1][0] + runs[-1][2] == s:
-            first, index, count = runs[-1]
-            runs[-1] = (first, index, count + 1)
-        else:
-            runs.append((s, i, 1))
-    return runs
-
-
 def shared_buffer(cache: Any) -> torch.Tensor | None:
     """The ``[L, 2, H, T, D]`` buffer of a cache made by ``restore_layered`` while every layer
     still lives in it (no regrowth), else None."""
@@ -410,7 +399,7 @@ def _staged_copy(
             encoded = staging.view(torch.uint8).view(m, -1)  # the raw bytes are the block
         else:
             encoded = get_codec(codec).encode(staging)  # [m, page_nbytes] uint8
-        for slot, index, count in _runs([int(s) for s in slots[a : a + m]]):
+        for slot, index, count in runs_of([int(s) for s in slots[a : a + m]]):
             blocks[slot : slot + count].copy_(
                 encoded[index : index + count], non_blocking=non_blocking
             )
