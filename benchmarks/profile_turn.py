@@ -1,10 +1,10 @@
 """Where one agent turn's engine time goes, on the Llama-8B shape (diagnostic, prints only).
 
-Runs one session of growing prompts (a 12K prompt, then +1,280 tokens a turn) on a Runtime
-with a small device pool and a host tier, and prints per turn: the wall time of
-``Runtime.generate`` and its parts (restore, prefill, first token, decode of the other tokens,
-commit = wall - total). Then the engine alone: a decode step on a DynamicCache and on the
-layered cache (wall and GPU time), and a CPU profile of one decode step.
+Runs one session of growing prompts (a 12K prompt, then +1,280 tokens a turn) twice: on a
+Runtime with a small device pool and a host tier, and on one with a large pool only. Prints per
+turn the wall time of ``Runtime.generate`` and its parts (``Timings``: restore, prefill, first
+token, decode of the other tokens, commit), and a cProfile of the last turn. Then the engine
+alone: decode steps on a DynamicCache (wall and GPU time) and a torch profile of one step.
 
 On the device machine (link tree as in docs/KERNEL_NOTES.md):
     PYTHONPATH=/tmp/lt:$PWD/benchmarks python3 benchmarks/profile_turn.py
@@ -70,7 +70,7 @@ def main() -> None:
                     f"{t:4d} {len(prompt):6d} {r.usage.cached_tokens:6d} {wall * 1e3:6.0f}"
                     f" {tm.rehydrate_s * 1e3:7.1f} {tm.prefill_s * 1e3:7.1f}"
                     f" {tm.ttft_s * 1e3:5.0f} {tm.decode_s * 1e3:6.1f}"
-                    f" {(wall - tm.total_s) * 1e3:6.1f}"
+                    f" {tm.commit_s * 1e3:6.1f}"
                 )
             rt.cache.flush(30.0)
             pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
@@ -92,11 +92,11 @@ def main() -> None:
               f"gpu {start.elapsed_time(end):.1f} ms")  # fmt: skip
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as step:
         engine._forward(st.cache, [5], st.num_tokens)
         sync()
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    print(step.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    print(step.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

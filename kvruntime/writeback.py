@@ -169,7 +169,7 @@ class Writer:
         if self.tiers.host is not None:
             out["host"] = len(todo) * self.tiers.host_codec.page_nbytes(self.tiers.layout)
         if self.tiers.redis is not None:
-            out["redis"] = len(todo) * self.tiers.redis_codec.page_nbytes(self.tiers.layout)
+            out["redis"] = self._redis_bytes(len(todo))
         return out
 
     def _write_job(self, job: WriteJob) -> None:
@@ -324,7 +324,7 @@ class Writer:
         are none or the sender's backlog has no room for them (counted, not sent)."""
         if not pages:
             return None
-        nbytes = len(pages) * self.tiers.redis_codec.page_nbytes(self.tiers.layout)
+        nbytes = self._redis_bytes(len(pages))
         if not self._reserve_backlog(nbytes, len(pages)):
             return None
         try:
@@ -343,7 +343,7 @@ class Writer:
         when the backlog is full), else stored now (returns the keys stored, by page index)."""
         if self._sender is None:
             return self.tiers.store_redis(pages, blocks, tokens)
-        nbytes = len(pages) * self.tiers.redis_codec.page_nbytes(self.tiers.layout)
+        nbytes = self._redis_bytes(len(pages))
         if self._reserve_backlog(nbytes, len(pages)):
             self._sender.submit(RedisWrite(None, tuple(pages), blocks, tokens))
         return {}
@@ -367,14 +367,18 @@ class Writer:
         try:
             stored = self.tiers.store_redis(write.pages, write.blocks, write.tokens)
             if stored and write.handle is not None:
-                # evicted meanwhile (a stale handle): the lookup's probe finds them by hash
-                with self.tiers.lock, contextlib.suppress(BadRequest):
-                    self.tiers.tree.set_location(write.handle, "redis", dict(stored))
+                with self.tiers.lock:
+                    # evicted meanwhile (a stale handle): the lookup's probe finds them by hash
+                    with contextlib.suppress(BadRequest):
+                        self.tiers.tree.set_location(write.handle, "redis", dict(stored))
                     self.tiers.trim_redis_index()
         except Exception:
             log.exception("Redis write-back failed; pages stay in the device/host tiers")
         finally:
-            self._sent(len(write.pages) * self.tiers.redis_codec.page_nbytes(self.tiers.layout))
+            self._sent(self._redis_bytes(len(write.pages)))
+
+    def _redis_bytes(self, num_pages: int) -> int:
+        return num_pages * self.tiers.redis_codec.page_nbytes(self.tiers.layout)
 
     def _sent(self, nbytes: int) -> None:
         with self._backlog_lock:
