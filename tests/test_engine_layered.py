@@ -20,7 +20,7 @@ from kvruntime.engines.layered import (
     shared_buffer,
     write_pages_async,
 )
-from kvruntime.engines.transformers import TransformersEngine
+from kvruntime.engines.transformers import TransformersEngine, kv_from_pages
 from kvruntime.errors import BadRequest, UnknownName
 from kvruntime.store.codec import get_codec
 from kvruntime.store.host import HostTier, HostTierConfig
@@ -93,7 +93,10 @@ def test_caches_grow_past_their_room_like_dynamic_layers(tiny_engine: Transforme
     cache = restore_layered(
         past, 32, model.config, tiny_engine.layout, tiny_engine.dtype, tiny_engine.device, 34
     )
-    reference = tiny_engine.prefill(tokens[:32]).state.cache
+    state = tiny_engine.prefill(tokens[:32]).state
+    # a plain DynamicCache (concatenating layers) with the same 32 tokens
+    reference = kv_from_pages(tiny_engine.export_pages(state, 0, 2, 16), 32, model.config, "cpu")
+    assert type(reference.layers[0]).__name__ == "DynamicLayer"
     layer, ref = cache.layers[0], reference.layers[0]
     assert isinstance(layer, prefetched_layer_class()) and layer.get_seq_length() == 32
     g = torch.Generator().manual_seed(0)

@@ -151,6 +151,22 @@ def test_pages_layout_and_round_trip(tiny_engine: TransformersEngine) -> None:
         assert torch.equal(rebuilt.layers[layer].keys, cache.layers[layer].keys)
         assert torch.equal(rebuilt.layers[layer].values, cache.layers[layer].values)
     assert kv_from_pages(None, 0, tiny_engine.model.config, "cpu").get_seq_length() == 0
+    # buffered: the same tokens, room for 40 more written in place (no new tensor per update)
+    config = tiny_engine.model.config
+    buffered = kv_from_pages(pages_from_kv(cache, 0, 3, P), 37, config, "cpu", capacity=77)
+    assert buffered.kvr_buffer.shape == (L, 2, H, 77, D)
+    for layer in range(L):
+        assert torch.equal(buffered.layers[layer].keys, cache.layers[layer].keys)
+        assert torch.equal(buffered.layers[layer].values, cache.layers[layer].values)
+    with torch.inference_mode():
+        k = torch.ones((1, H, 2, D))
+        grown, _ = buffered.update(k, k, 0)
+    assert grown.shape[2] == 39 and grown.data_ptr() == buffered.kvr_buffer.data_ptr()
+    empty = kv_from_pages(None, 0, config, "cpu", capacity=8, layout=(tiny_engine.layout,
+                                                                       torch.float32))  # fmt: skip
+    assert empty.get_seq_length() == 0 and empty.kvr_buffer.shape == (L, 2, H, 8, D)
+    with pytest.raises(BadRequest, match="layout"):
+        kv_from_pages(None, 0, config, "cpu", capacity=8)
     with pytest.raises(BadRequest, match="page-aligned"):
         pages_from_kv(cache, 3, 1, P)
     with pytest.raises(BadRequest, match="partial"):

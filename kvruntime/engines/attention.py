@@ -117,7 +117,7 @@ def causal_attention_forward(
         and not torch.compiler.is_compiling()
     )
     if not fast:
-        with _no_cudnn(query):
+        with without_cudnn(query):
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
             )
@@ -127,7 +127,7 @@ def causal_attention_forward(
     # The bottom-right flash/efficient dispatch of CausalBias ignores enable_gqa: expand K/V to
     # [B, Hq, kv, D] (a copy of K and V, small beside the attention itself).
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    with _no_cudnn(query):
+    with without_cudnn(query):
         out = torch.nn.functional.scaled_dot_product_attention(
             query,
             key,
@@ -138,7 +138,7 @@ def causal_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _no_cudnn(query: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+def without_cudnn(query: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
     """SDPA backends without cuDNN for a CUDA call (see the module docstring); a no-op on the
     CPU."""
     if not query.is_cuda:

@@ -151,11 +151,9 @@ def restore_layered(
     tune: object = None,
 ) -> Any:
     """A ``DynamicCache`` holding the first ``num_tokens`` tokens of ``past`` (at most its own),
-    loading asynchronously on CUDA. Its layers write new tokens into a preallocated buffer of
-    ``capacity`` tokens (grown when full) instead of concatenating. Validates ``past``.
+    loading asynchronously on CUDA, over a ``buffered_cache`` of ``capacity`` tokens. Validates
+    ``past``.
     ``tune``: the loads' launch shape (None: ``beside_compute(device, codec=past.codec)``)."""
-    from transformers import DynamicCache
-
     slots = check_host_prefix(past, layout, dtype)
     num_tokens = min(num_tokens, past.num_tokens)
     P = past.page_size
@@ -180,6 +178,18 @@ def restore_layered(
         shape = tune if tune is not None else beside_compute(device, codec=past.codec)
         loader = LayerLoader(lambda layer: job.run((layer, layer + 1), shape), L, device)
         loader.start(keep_alive=[t for t in (kv, job.slots, job.page_ids) if t is not None])
+    return buffered_cache(kv, num_tokens, config, loader.wait if loader is not None else None)
+
+
+def buffered_cache(
+    kv: torch.Tensor, num_tokens: int, config: Any, wait: Callable[[int], None] | None = None
+) -> Any:
+    """A ``DynamicCache`` whose layer i holds the first ``num_tokens`` tokens of ``kv[i]``
+    (``[L, 2, H, T, D]``) and writes new tokens into the rows after them (regrowing only past
+    ``T``) instead of concatenating a new tensor at every forward. ``wait(i)``: called before
+    layer i is first read or written (its rows may still be loading)."""
+    from transformers import DynamicCache
+
     cache = DynamicCache(config=config)
     cache.kvr_buffer = kv  # type: ignore[attr-defined]  # write_pages_async copies out of it
     layer_cls = prefetched_layer_class()
@@ -188,9 +198,9 @@ def restore_layered(
             kv[i, 0].unsqueeze(0),
             kv[i, 1].unsqueeze(0),
             num_tokens,
-            functools.partial(loader.wait, i) if loader is not None else None,
+            functools.partial(wait, i) if wait is not None else None,
         )
-        for i in range(L)
+        for i in range(kv.shape[0])
     ]
     return cache
 

@@ -24,8 +24,14 @@ from kvruntime.engines.base import (
     PrefillResult,
     check_sampling,
 )
-from kvruntime.engines.layered import DECODE_HEADROOM, HostKVPrefix, restore_layered
-from kvruntime.engines.models import LoadedModel, load_model
+from kvruntime.engines.layered import (
+    DECODE_HEADROOM,
+    HostKVPrefix,
+    buffered_cache,
+    restore_layered,
+)
+from kvruntime.engines.models import KVShape, LoadedModel, load_model
+from kvruntime.engines.piecewise import PiecewiseForward, unsupported
 from kvruntime.errors import BadRequest, ConfigError
 
 
@@ -34,6 +40,9 @@ class EngineConfig:
     prefill_chunk_tokens: int = 2048  # bounds the attention scratch of a long prompt
     # bottom-right causal SDPA after cached tokens (engines/attention.py); False: stock sdpa
     fast_causal_attention: bool = True
+    # Llama-shaped models run split at attention, from CUDA graphs on CUDA (engines/piecewise.py)
+    piecewise_forward: bool = True
+    graph_tokens: int = 2048  # the longest forward replayed from CUDA graphs (0: none)
 
     def __post_init__(self) -> None:
         if self.prefill_chunk_tokens <= 0:
@@ -41,6 +50,8 @@ class EngineConfig:
                 "EngineConfig.prefill_chunk_tokens must be positive,"
                 f" got {self.prefill_chunk_tokens}"
             )
+        if self.graph_tokens < 0:
+            raise ConfigError(f"EngineConfig.graph_tokens must be >= 0, got {self.graph_tokens}")
 
 
 @dataclass(eq=False)
@@ -74,6 +85,9 @@ class TransformersEngine(Engine):
         # the old name, 5.40 will drop it): use whichever this version declares.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.piecewise: PiecewiseForward | None = None
+        if self.config.piecewise_forward and unsupported(self.model) is None:
+            self.piecewise = PiecewiseForward(self.model, self.device, self.config.graph_tokens)
 
     @classmethod
     def from_pretrained(
@@ -107,9 +121,10 @@ class TransformersEngine(Engine):
         else:
             if past is not None:
                 self._check_pages(past)
-                cache = kv_from_pages(past.pages, cached, self.model.config, self.device)
-            else:
-                cache = kv_from_pages(None, 0, self.model.config, self.device)
+            cache = kv_from_pages(
+                past.pages if past is not None else None, cached, self.model.config,
+                self.device, len(tokens) + DECODE_HEADROOM, (self.layout, self.dtype),
+            )  # fmt: skip
             restored = self._now()
         logits = torch.empty(0)
         chunk = self.config.prefill_chunk_tokens
@@ -169,6 +184,8 @@ class TransformersEngine(Engine):
         return pages_from_kv(self._own(state).cache, start_token, num_pages, page_size)
 
     def _forward(self, cache: Any, tokens: list[int], offset: int) -> torch.Tensor:
+        if self.piecewise is not None:
+            return self.piecewise.forward(cache, tokens, offset)
         # [1, S] int64 ids and their absolute positions offset.. offset+S-1
         ids = torch.tensor([tokens], dtype=torch.int64, device=self.device)
         positions = torch.arange(offset, offset + len(tokens), device=self.device).unsqueeze(0)
@@ -208,12 +225,35 @@ class TransformersEngine(Engine):
 
 
 def kv_from_pages(
-    pages: torch.Tensor | None, num_tokens: int, config: Any, device: torch.device | str
+    pages: torch.Tensor | None,
+    num_tokens: int,
+    config: Any,
+    device: torch.device | str,
+    capacity: int | None = None,
+    layout: tuple[KVShape, torch.dtype] | None = None,
 ) -> Any:
     """A ``DynamicCache`` holding the first ``num_tokens`` tokens of page-first ``pages``
-    ``[n, L, 2, H, P, D]`` (None or 0 tokens: an empty cache). ``pages`` is only read."""
+    ``[n, L, 2, H, P, D]`` (None or 0 tokens: an empty cache). ``pages`` is only read.
+
+    ``capacity``: make it a ``buffered_cache`` with room for that many tokens, so the forwards
+    that follow write into it instead of concatenating (a copy of every layer's KV each time);
+    with no pages, ``layout`` (the model's KV shape and dtype) gives the buffer's shape."""
     from transformers import DynamicCache
 
+    if capacity is not None:
+        if pages is not None:
+            n, L, _, H, P, D = pages.shape
+            dtype = pages.dtype
+        elif layout is not None:
+            (L, H, D), dtype = layout
+        else:
+            raise BadRequest("a buffered cache without pages needs the model's layout")
+        kv = torch.empty((L, 2, H, max(capacity, num_tokens), D), dtype=dtype, device=device)
+        if num_tokens and pages is not None:
+            # [n, L, 2, H, P, D] -> [L, 2, H, n*P, D], first num_tokens rows
+            src = pages.to(device, non_blocking=True).permute(1, 2, 3, 0, 4, 5)
+            kv[:, :, :, :num_tokens] = src.reshape(L, 2, H, n * P, D)[:, :, :, :num_tokens]
+        return buffered_cache(kv, num_tokens, config)
     cache = DynamicCache(config=config)
     if pages is None or num_tokens == 0:
         return cache
