@@ -209,8 +209,11 @@ def warm_up(
     engine: TransformersEngine, tokenizer: Any, configs: dict[str, RuntimeConfig], vocab: int
 ) -> float:
     """Replay ``warm_sessions`` once per configuration under pressure of its own (device pool
-    a quarter of it), so every tier's kernels are compiled before the timed replays."""
+    a quarter of it), so every tier's kernels are compiled (and the engine's CUDA graphs
+    captured) before the timed replays."""
     started = time.perf_counter()
+    if engine.piecewise is not None:
+        engine.piecewise.capture_all()
     sessions = warm_sessions(vocab)
     layout = engine.layout.page_layout(next(iter(configs.values())).page_size, engine.dtype)
     live = live_kv_pages(sessions, layout.page_size) * layout.page_nbytes

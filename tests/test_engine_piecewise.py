@@ -124,3 +124,4 @@ def test_cuda_graph_buckets_match_eager_pieces_and_transformers() -> None:
         assert k0.shape == k2.shape == (1, 2, 700, 32)
         assert (k0.float() - k2.float()).abs().max() < 0.05
     assert set(BUCKETS) >= {1, 16, 512}
+    assert PiecewiseForward(model, dev, 300).capture_all() == (1, 16, 64, 128, 256)

@@ -118,6 +118,14 @@ class PiecewiseForward:
     def captured_buckets(self) -> tuple[int, ...]:
         return tuple(sorted(self._captured))
 
+    def capture_all(self) -> tuple[int, ...]:
+        """Capture every bucket now rather than at its first forward (a benchmark's warm-up,
+        a server's start); returns the captured buckets (none off CUDA)."""
+        with self._lock, torch.inference_mode():
+            for size in self._buckets:
+                self._bucket(size)
+        return self.captured_buckets
+
     def forward(self, cache: Any, tokens: list[int], offset: int) -> torch.Tensor:
         """Run ``tokens`` at positions ``offset..`` against ``cache`` (updated in place, like
         the model's forward); returns the last token's logits, [vocab] float32."""
