@@ -106,6 +106,9 @@ class PiecewiseForward:
         self._kv_heads = attn.k_proj.out_features // self._head_dim
         self._hidden = int(model.config.hidden_size)
         self._dtype = self._embed.weight.dtype
+        # The flash op of PyTorch's CUDA build takes fewer K/V heads than query heads (GQA)
+        # and aligns its causal mask to the bottom right (as FlashAttention 2 does).
+        self._flash_gqa = device.type == "cuda" and self._head_dim <= 256
         self._buckets = tuple(b for b in BUCKETS if b <= graph_tokens)
         if device.type != "cuda":
             self._buckets = ()
@@ -170,11 +173,21 @@ class PiecewiseForward:
             rows.k.copy_(k * cos + _rotate_half(k) * sin)
             rows.v.copy_(attn.v_proj(x).view(1, B, self._kv_heads, D).transpose(1, 2))
 
-    def _attend(self, rows: _Rows, i: int, n: int, cache: Any) -> None:
-        """Layer ``i``'s cache update and attention over the ``n`` real rows (eager)."""
+    def _attend(
+        self,
+        rows: _Rows,
+        i: int,
+        n: int,
+        cache: Any,
+        updated: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Layer ``i``'s cache update and attention over the ``n`` real rows (eager);
+        ``updated``: the layer's keys and values when the update is done already."""
         attn = self._layers[i].self_attn
         q = rows.q[:, :, :n]  # [1, Hq, n, D]
-        keys, values = cache.update(rows.k[:, :, :n], rows.v[:, :, :n], i)  # [1, Hkv, kv, D]
+        if updated is None:
+            updated = cache.update(rows.k[:, :, :n], rows.v[:, :, :n], i)
+        keys, values = updated  # [1, Hkv, kv, D]
         out = rows.attn[:, :n].view(1, n, self._heads, self._head_dim)
         if n == 1 or n == keys.shape[2]:  # decode, or no cached keys: SDPA's own causal works
             # what transformers' sdpa_attention_forward calls here, without its checks
@@ -182,7 +195,18 @@ class PiecewiseForward:
                 q, keys, values, is_causal=n > 1, scale=attn.scaling, enable_gqa=True
             )  # [1, Hq, n, D]
             out.copy_(got.transpose(1, 2))
-        else:  # new tokens after cached ones: bottom-right causal
+        elif self._flash_gqa and q.dtype in (torch.bfloat16, torch.float16):
+            # new tokens after cached ones on CUDA: the flash kernel itself, whose causal mask
+            # is bottom-right aligned and which reads grouped K/V heads as they are
+            try:
+                got = torch.ops.aten._scaled_dot_product_flash_attention(
+                    q, keys, values, 0.0, True, False, scale=attn.scaling
+                )[0]  # [1, Hq, n, D]
+            except RuntimeError:  # a GPU or build without it: SDPA from now on
+                self._flash_gqa = False
+                return self._attend(rows, i, n, cache, (keys, values))
+            out.copy_(got.transpose(1, 2))
+        else:  # bottom-right causal through SDPA (expands K/V to every query head)
             got, _ = causal_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
             out.copy_(got)  # [1, n, Hq, D]
 
