@@ -84,7 +84,7 @@ COST = {
     "llama8b": (25_000.0, 25e9, 1e9),
 }
 # the run's defaults per device: on the GPU longer sessions (prompts up to 32K) and outputs
-# of 2 tokens (the engine decodes one session at a time, HF eager, ~20 tok/s on the H200)
+# of 2 tokens (the engine decodes one session at a time, ~120 tok/s at 12K on the H200)
 DEFAULTS = {
     "cpu": {"sessions": 0, "turns": "", "max_tokens": 8, "bfcl_tasks": 4, "chunk": 0},
     "cuda": {"sessions": 8, "turns": "5,30", "max_tokens": 2, "bfcl_tasks": 8,
