@@ -37,7 +37,7 @@ def test_llama_with_fast_attention_is_supported_and_others_say_why() -> None:
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
     assert "model type 'gpt2'" in str(unsupported(gpt2))
-    with pytest.raises(ValueError, match="cannot run piecewise"):
+    with pytest.raises(ConfigError, match="cannot run piecewise"):
         PiecewiseForward(gpt2, torch.device("cpu"))
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from kvruntime.engines.attention import ATTENTION, causal_attention_forward, without_cudnn
+from kvruntime.errors import ConfigError
 
 SUPPORTED = ("llama", "mistral", "qwen2")  # config.model_type values with this layer shape
 BUCKETS = (1, 16, 64, 128, 256, 512, 768, 1024, 1536, 2048)  # rows of the captured pieces
@@ -94,7 +95,7 @@ class PiecewiseForward:
     def __init__(self, model: Any, device: torch.device, graph_tokens: int = 2048) -> None:
         reason = unsupported(model)
         if reason is not None:
-            raise ValueError(f"cannot run piecewise: {reason}")
+            raise ConfigError(f"cannot run piecewise: {reason}")
         self.model = model
         self.device = device
         inner = model.model
@@ -225,12 +226,9 @@ class PiecewiseForward:
         top = self._buckets[-1]
         if not self._storage:
             self._storage = {
-                name: torch.zeros(
-                    top * per_row, dtype=dtype if name not in ("ids", "positions") else torch.int64,
-                    device=self.device,
-                )
-                for name, per_row, dtype in self._layout(self._dtype)
-            }  # fmt: skip
+                name: torch.zeros(top * per_row, dtype=dtype, device=self.device)
+                for name, per_row, dtype in self._layout()
+            }  # zeros: padding rows hold valid token ids and finite values
 
         def view(name: str, shape: tuple[int, ...], _dtype: torch.dtype) -> torch.Tensor:
             numel = 1
@@ -243,9 +241,9 @@ class PiecewiseForward:
         self._captured[size] = rows
         return rows
 
-    def _layout(self, dtype: torch.dtype) -> list[tuple[str, int, torch.dtype]]:
+    def _layout(self) -> list[tuple[str, int, torch.dtype]]:
         """(name, elements per row, dtype) of each buffer."""
-        D, d = self._head_dim, self._hidden
+        D, d, dtype = self._head_dim, self._hidden, self._dtype
         return [
             ("ids", 1, torch.int64), ("positions", 1, torch.int64), ("hidden", d, dtype),
             ("cos", D, dtype), ("sin", D, dtype), ("q", self._heads * D, dtype),
