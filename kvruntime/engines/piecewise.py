@@ -1,9 +1,10 @@
 """A decoder forward split at attention, replayed from CUDA graphs between the splits.
 
 Why: transformers runs a forward as ~1,000 small kernels launched one by one from Python. On
-the H200 (Llama-8B shape, 12K cached) a decode step took 51 ms of wall time for 7.5 ms of GPU
-work, and a suffix of a few hundred tokens cost the same 50 ms: an agent turn (a short new
-suffix, a few tokens out) was bound by launching kernels, in every configuration alike.
+the H200 (Llama-8B shape, 12K cached) a decode step took 33-39 ms and a suffix of 16-256 tokens
+25-47 ms, where reading the weights once takes 3.7 ms (``benchmarks/bench_forward_overhead.py``):
+an agent turn (a short new suffix, a few tokens out) was bound by launching kernels, in every
+configuration alike. Piecewise: 8.4 ms and 10-17 ms, the same logits.
 
 How: for Llama-shaped decoders (``SUPPORTED``: pre-norm layers of q/k/v/o projections and an
 MLP, full attention, rotary positions) a forward of ``n`` tokens is cut into ``L + 1`` pieces
