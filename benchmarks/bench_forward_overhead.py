@@ -17,15 +17,13 @@ Here, to write the section of docs/BENCHMARKS.md from what came back:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from bench_agent_workload import random_llama
-from record import markdown_table, print_table, record
+from record import markdown_table, run_or_merge
 
 from kvruntime.engines.transformers import EngineConfig, TransformersEngine, TransformersState
 
@@ -121,19 +119,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 16, 100, 256, 500, 1024, 2048, 4096])  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, help="write results.json here")
-    parser.add_argument("--merge", type=Path, help="record a results.json into BENCHMARKS.md")
-    args = parser.parse_args()
-    if args.merge:
-        result = json.loads(args.merge.read_text())
-        record(SECTION, body(result), COMMAND)
-        print_table(HEADERS, result["rows"])
-        return
-    result = measure(args)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(result, indent=1))
-    print_table(HEADERS, result["rows"])
+    run_or_merge(parser, measure, body, SECTION, COMMAND, HEADERS)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,12 @@ Here, to write the section of docs/BENCHMARKS.md from what came back:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 from typing import Any
 
 import torch
 from bench_agent_workload import random_llama
-from record import markdown_table, print_table, record
+from record import markdown_table, run_or_merge
 
 from kvruntime.engines.base import KVPrefix
 from kvruntime.engines.transformers import EngineConfig, TransformersEngine
@@ -125,20 +123,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=8192, help="prefix and suffix length")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, help="write results.json here")
-    parser.add_argument("--merge", type=Path, help="record a results.json into BENCHMARKS.md")
-    args = parser.parse_args()
-    if args.merge:
-        result = json.loads(args.merge.read_text())
-        record(SECTION, body(result), COMMAND)
-        print_table(HEADERS, result["rows"])
-        return
-    result = measure(args)
-    print_table(HEADERS, result["rows"])
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    run_or_merge(parser, measure, body, SECTION, COMMAND, HEADERS)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,16 @@ the others alone. Every section carries the date, the machine and the exact comm
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
+import json
 import os
 import platform
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 HEADER = (
@@ -73,3 +76,29 @@ def record(name: str, body: str, command: str | None = None, doc: Path | None = 
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text.rstrip("\n") + "\n")
     return doc
+
+
+def run_or_merge(
+    parser: argparse.ArgumentParser,
+    measure: Callable[[argparse.Namespace], dict[str, Any]],
+    body: Callable[[dict[str, Any]], str],
+    section: str,
+    command: str,
+    headers: Sequence[str],
+) -> None:
+    """The flow of a benchmark measured on the device machine and recorded here: ``--out DIR``
+    saves ``measure(args)`` as DIR/results.json; ``--merge FILE`` writes such a file's section
+    (``body``) into docs/BENCHMARKS.md. Both print the table of its ``rows``."""
+    parser.add_argument("--out", type=Path, help="write results.json here")
+    parser.add_argument("--merge", type=Path, help="record a results.json into BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.merge:
+        result = json.loads(args.merge.read_text())
+        record(section, body(result), command)
+    else:
+        result = measure(args)
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    print_table(headers, result["rows"])

@@ -17,7 +17,8 @@ at the attention of each layer:
 Every piece works on each token row alone, so a piece captured for ``B >= n`` rows computes
 the ``n`` real rows exactly and padding rows that nothing reads. What depends on the cache
 runs eagerly between the pieces: the cache update and attention over the ``n`` real rows
-(``attention.causal_attention_forward``). On CUDA the pieces of each row bucket (``BUCKETS``,
+(new tokens after cached ones through the flash kernel directly on CUDA, else
+``attention.causal_attention_forward``). On CUDA the pieces of each row bucket (``BUCKETS``,
 up to ``graph_tokens``) are captured once, on first use, as CUDA graphs over static buffers
 shared by all buckets; a forward then launches ``L + 1`` graphs and a few kernels per layer.
 Longer forwards, and every forward on the CPU, run the same pieces eagerly on exactly ``n``
@@ -28,7 +29,9 @@ Not thread-safe across forwards by design of the static buffers: one lock serial
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,21 +178,11 @@ class PiecewiseForward:
             rows.k.copy_(k * cos + _rotate_half(k) * sin)
             rows.v.copy_(attn.v_proj(x).view(1, B, self._kv_heads, D).transpose(1, 2))
 
-    def _attend(
-        self,
-        rows: _Rows,
-        i: int,
-        n: int,
-        cache: Any,
-        updated: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
-        """Layer ``i``'s cache update and attention over the ``n`` real rows (eager);
-        ``updated``: the layer's keys and values when the update is done already."""
+    def _attend(self, rows: _Rows, i: int, n: int, cache: Any) -> None:
+        """Layer ``i``'s cache update and attention over the ``n`` real rows (eager)."""
         attn = self._layers[i].self_attn
         q = rows.q[:, :, :n]  # [1, Hq, n, D]
-        if updated is None:
-            updated = cache.update(rows.k[:, :, :n], rows.v[:, :, :n], i)
-        keys, values = updated  # [1, Hkv, kv, D]
+        keys, values = cache.update(rows.k[:, :, :n], rows.v[:, :, :n], i)  # [1, Hkv, kv, D]
         out = rows.attn[:, :n].view(1, n, self._heads, self._head_dim)
         if n == 1 or n == keys.shape[2]:  # decode, or no cached keys: SDPA's own causal works
             # what transformers' sdpa_attention_forward calls here, without its checks
@@ -197,26 +190,38 @@ class PiecewiseForward:
                 q, keys, values, is_causal=n > 1, scale=attn.scaling, enable_gqa=True
             )  # [1, Hq, n, D]
             out.copy_(got.transpose(1, 2))
-        elif self._flash_gqa and q.dtype in (torch.bfloat16, torch.float16):
-            # new tokens after cached ones on CUDA: the flash kernel itself, whose causal mask
-            # is bottom-right aligned and which reads grouped K/V heads as they are
-            try:
-                got = torch.ops.aten._scaled_dot_product_flash_attention(
-                    q, keys, values, 0.0, True, False, scale=attn.scaling
-                )[0]  # [1, Hq, n, D]
-            except RuntimeError:  # a GPU or build without it: SDPA from now on
-                self._flash_gqa = False
-                return self._attend(rows, i, n, cache, (keys, values))
-            out.copy_(got.transpose(1, 2))
+            return
+        flash = self._flash_bottom_right(q, keys, values, attn.scaling)
+        if flash is not None:
+            out.copy_(flash.transpose(1, 2))
         else:  # bottom-right causal through SDPA (expands K/V to every query head)
             got, _ = causal_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
             out.copy_(got)  # [1, n, Hq, D]
+
+    def _flash_bottom_right(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        """New tokens after cached ones on CUDA: the flash kernel itself, whose causal mask is
+        bottom-right aligned and which reads grouped K/V heads as they are; ``[1, Hq, n, D]``,
+        or None where it cannot run (off CUDA, fp32, or a build without it: then never again)."""
+        if not self._flash_gqa or q.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        try:
+            out: torch.Tensor = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, keys, values, 0.0, True, False, scale=scale
+            )[0]
+        except RuntimeError:
+            self._flash_gqa = False
+            return None
+        return out
 
     # ---- buffers and graphs ----------------------------------------------------------------
 
     def _fresh(self, n: int) -> _Rows:
         """Rows for an eager forward of exactly ``n`` tokens."""
-        return self._rows(n, lambda _name, shape, dtype: self._empty(shape, dtype))
+        return self._rows(
+            n, lambda _name, shape, dtype: torch.empty(shape, dtype=dtype, device=self.device)
+        )
 
     def _bucket(self, size: int) -> _Rows:
         """The captured rows of ``size`` (captured now if new): views of storage shared by all
@@ -225,34 +230,25 @@ class PiecewiseForward:
         if rows is not None:
             return rows
         top = self._buckets[-1]
-        if not self._storage:
-            self._storage = {
-                name: torch.zeros(top * per_row, dtype=dtype, device=self.device)
-                for name, per_row, dtype in self._layout()
-            }  # zeros: padding rows hold valid token ids and finite values
 
-        def view(name: str, shape: tuple[int, ...], _dtype: torch.dtype) -> torch.Tensor:
-            numel = 1
-            for s in shape:
-                numel *= s
-            return self._storage[name][:numel].view(shape)
+        def view(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            numel = math.prod(shape)
+            store = self._storage.get(name)
+            if store is None:  # room for the largest bucket; zeros: padding rows hold valid
+                # token ids and finite values
+                store = torch.zeros(numel // size * top, dtype=dtype, device=self.device)
+                self._storage[name] = store
+            return store[:numel].view(shape)
 
         rows = self._rows(size, view)
         rows.graphs = self._capture(rows)
         self._captured[size] = rows
         return rows
 
-    def _layout(self) -> list[tuple[str, int, torch.dtype]]:
-        """(name, elements per row, dtype) of each buffer."""
-        D, d, dtype = self._head_dim, self._hidden, self._dtype
-        return [
-            ("ids", 1, torch.int64), ("positions", 1, torch.int64), ("hidden", d, dtype),
-            ("cos", D, dtype), ("sin", D, dtype), ("q", self._heads * D, dtype),
-            ("k", self._kv_heads * D, dtype), ("v", self._kv_heads * D, dtype),
-            ("attn", self._heads * D, dtype),
-        ]  # fmt: skip
-
-    def _rows(self, B: int, make: Any) -> _Rows:
+    def _rows(
+        self, B: int, make: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
+    ) -> _Rows:
+        """Rows of ``B`` tokens, each buffer from ``make(name, shape, dtype)``."""
         D, d, Hq, Hkv, dt = self._head_dim, self._hidden, self._heads, self._kv_heads, self._dtype
         return _Rows(
             ids=make("ids", (1, B), torch.int64),
@@ -266,9 +262,6 @@ class PiecewiseForward:
             attn=make("attn", (1, B, Hq * D), dt),
             graphs=[],
         )
-
-    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, device=self.device)
 
     def _capture(self, rows: _Rows) -> list[torch.cuda.CUDAGraph]:
         """One CUDA graph per piece over ``rows``' buffers, in one memory pool: a piece's

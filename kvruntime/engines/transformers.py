@@ -240,31 +240,27 @@ def kv_from_pages(
     with no pages, ``layout`` (the model's KV shape and dtype) gives the buffer's shape."""
     from transformers import DynamicCache
 
-    if capacity is not None:
-        if pages is not None:
-            n, L, _, H, P, D = pages.shape
-            dtype = pages.dtype
-        elif layout is not None:
-            (L, H, D), dtype = layout
-        else:
-            raise BadRequest("a buffered cache without pages needs the model's layout")
-        kv = torch.empty((L, 2, H, max(capacity, num_tokens), D), dtype=dtype, device=device)
-        if num_tokens and pages is not None:
-            # [n, L, 2, H, P, D] -> [L, 2, H, n*P, D], first num_tokens rows
-            src = pages.to(device, non_blocking=True).permute(1, 2, 3, 0, 4, 5)
-            kv[:, :, :, :num_tokens] = src.reshape(L, 2, H, n * P, D)[:, :, :, :num_tokens]
-        return buffered_cache(kv, num_tokens, config)
-    cache = DynamicCache(config=config)
-    if pages is None or num_tokens == 0:
+    src = None  # [L, 2, H, num_tokens, D] on the engine's device
+    if pages is not None and num_tokens:
+        n, L, _, H, P, D = pages.shape
+        src = pages.to(device, non_blocking=True).permute(1, 2, 3, 0, 4, 5)
+        src = src.reshape(L, 2, H, n * P, D)[:, :, :, :num_tokens]
+    if capacity is None:
+        cache = DynamicCache(config=config)
+        for layer, (keys, values) in enumerate(src if src is not None else ()):
+            # [1, H, T, D] each; the first suffix token's update concatenates them anew
+            cache.update(keys.unsqueeze(0), values.unsqueeze(0), layer)
         return cache
-    n, L, _, H, P, D = pages.shape
-    # [n, L, 2, H, P, D] -> [L, 2, H, n*P, D] -> first num_tokens rows, on the engine's device
-    kv = pages.to(device, non_blocking=True).permute(1, 2, 3, 0, 4, 5).reshape(L, 2, H, n * P, D)
-    kv = kv[:, :, :, :num_tokens]
-    for layer in range(L):
-        # [1, H, T, D] each; the first suffix token's update concatenates them into new tensors
-        cache.update(kv[layer, 0].unsqueeze(0), kv[layer, 1].unsqueeze(0), layer)
-    return cache
+    if pages is not None:
+        (_, L, _, H, _, D), dtype = pages.shape, pages.dtype
+    elif layout is not None:
+        (L, H, D), dtype = layout
+    else:
+        raise BadRequest("a buffered cache without pages needs the model's layout")
+    kv = torch.empty((L, 2, H, max(capacity, num_tokens), D), dtype=dtype, device=device)
+    if src is not None:
+        kv[:, :, :, :num_tokens] = src
+    return buffered_cache(kv, num_tokens, config)
 
 
 def pages_from_kv(cache: Any, start_token: int, num_pages: int, page_size: int) -> torch.Tensor:
