@@ -1,4 +1,4 @@
-"""Redis connector: moves opaque values by key, batched and pipelined; standalone or cluster.
+"""Redis connector: moves opaque values by key, batched and pipelined, to one server.
 
 It knows nothing of pages, namespaces or TTL policy (the tier's job) and never raises for a
 server problem: every call returns an ``Outcome`` whose ``values`` hold one entry per key
@@ -6,34 +6,22 @@ server problem: every call returns an ``Outcome`` whose ``values`` hold one entr
 by kind and node. Bad arguments (buffer count differs from key count, a read-only buffer)
 raise BadRequest.
 
-URLs (``RedisURL.parse``)::
-
-    redis://[[user]:password@]host[:port][/db]      plain TCP, default port 6379, db 0
-    rediss://...                                    TLS (``?ssl_cert_reqs=none`` skips
-                                                    verification, ``?ssl_ca_certs=path``)
-    unix://[[user]:password@]/path/redis.sock[?db=N]
-    redis+cluster://host:port,host:port,...          Redis Cluster (seed nodes; also
-    redis://host:port,...?cluster=true               rediss+cluster:// for TLS)
-
-Cluster: a key's slot is CRC16(key) mod 16384, hashing only the part inside the first
-``{...}`` when present. The slot map comes from CLUSTER SLOTS on first use and again after
-MOVED replies or connection failures (throttled); a batch is grouped by node, each node's
-share is pipelined on its own thread, MOVED/ASK redirects are followed a few times.
+A call runs in rounds (``RedisConnector._execute``): route the keys to nodes, pipeline each
+node's share, settle the replies, and repeat for redirected keys. The standalone connector
+sends everything to its one server; ``redis_cluster.RedisClusterConnector`` overrides the
+routing. URLs: ``redis_url.RedisURL``; ``open_connector`` picks the connector for a URL.
 """
 
 from __future__ import annotations
 
-import binascii
-import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Generic, NamedTuple, TypeVar
-from urllib.parse import parse_qsl, unquote
 
-from kvruntime.errors import BadRequest, ConfigError
+from kvruntime.errors import BadRequest
+from kvruntime.store.redis_url import RedisURL
 from kvruntime.store.resp import (
     Address,
     ConnectionPool,
@@ -49,118 +37,8 @@ from kvruntime.store.resp import (
 from kvruntime.store.retry import Backoff, RetryGate
 
 T = TypeVar("T")
-SLOTS = 16384
-_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
-_QUERY = ("cluster", "db", "ssl_cert_reqs", "ssl_ca_certs")
-_TRUE = ("1", "true", "yes", "on")
 # Connection problems that say the server itself is in trouble (the pool backs off).
-_SERVER_DOWN = frozenset({"closed", "timeout", "tls", "protocol"})
-
-
-@dataclass(frozen=True)
-class RedisURL:
-    addresses: tuple[Address, ...]
-    tls: bool = False
-    cluster: bool = False
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls_verify: bool = True
-    tls_ca_file: str | None = None
-
-    @classmethod
-    def parse(cls, url: str) -> RedisURL:
-        """Parse one of the forms in the module docstring; raises ConfigError saying why."""
-        scheme, sep, rest = url.partition("://")
-        if not sep or scheme not in _SCHEMES:
-            raise ConfigError(f"redis URL {url!r}: scheme must be one of {', '.join(_SCHEMES)}")
-        rest, _, query_text = rest.partition("?")
-        query = dict(parse_qsl(query_text, keep_blank_values=True))
-        unknown = sorted(set(query) - set(_QUERY))
-        if unknown:
-            raise ConfigError(f"redis URL: unknown parameter(s) {unknown}; known: {_QUERY}")
-        userinfo, at, rest = rest.rpartition("@")
-        username = password = None
-        if at:
-            user, colon, secret = userinfo.partition(":")
-            username = unquote(user) or None
-            password = unquote(secret) if colon else unquote(user)
-            username = username if colon else None
-        db_text = query.get("db", "")
-        if scheme == "unix":
-            if not rest.startswith("/"):
-                raise ConfigError(f"redis URL {cls._redact(url)!r}: unix:// needs an absolute path")
-            addresses: tuple[Address, ...] = (Address("", 0, unquote(rest)),)
-        else:
-            hosts, _, path = rest.partition("/")
-            db_text = path or db_text
-            addresses = tuple(cls._host(h, url) for h in hosts.split(","))
-        try:
-            db = int(db_text or 0)
-        except ValueError:
-            raise ConfigError(f"redis URL: db must be an integer, got {db_text!r}") from None
-        cluster = scheme.endswith("+cluster") or query.get("cluster", "").lower() in _TRUE
-        if len(addresses) > 1 and not cluster:
-            raise ConfigError("redis URL: several hosts need cluster mode (redis+cluster://)")
-        if cluster and (db or scheme == "unix"):
-            raise ConfigError("redis URL: cluster mode supports only TCP and db 0")
-        reqs = query.get("ssl_cert_reqs", "required").lower()
-        if reqs not in ("none", "optional", "required"):
-            raise ConfigError(f"redis URL: ssl_cert_reqs must be none|optional|required: {reqs!r}")
-        return cls(
-            addresses=addresses,
-            tls=scheme.startswith("rediss"),
-            cluster=cluster,
-            db=db,
-            username=username,
-            password=password,
-            tls_verify=reqs != "none",
-            tls_ca_file=query.get("ssl_ca_certs") or None,
-        )
-
-    @staticmethod
-    def _host(text: str, url: str) -> Address:
-        if text.startswith("["):  # [ipv6]:port
-            host, _, port = text[1:].partition("]")
-            port = port.lstrip(":")
-        else:
-            host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
-        try:
-            number = int(port) if port else 6379
-        except ValueError:
-            raise ConfigError(f"redis URL {RedisURL._redact(url)!r}: bad port {port!r}") from None
-        if not host or not 0 < number < 65536:
-            raise ConfigError(f"redis URL {RedisURL._redact(url)!r}: bad host/port {text!r}")
-        return Address(host, number)
-
-    @staticmethod
-    def _redact(url: str) -> str:
-        head, at, tail = url.rpartition("@")
-        return url if not at else head.split("://")[0] + "://***@" + tail
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        if not self.tls:
-            return None
-        ctx = ssl.create_default_context(cafile=self.tls_ca_file)
-        if not self.tls_verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-
-    def __str__(self) -> str:
-        scheme = ("rediss" if self.tls else "redis") + ("+cluster" if self.cluster else "")
-        auth = "***@" if self.password is not None else ""
-        return f"{scheme}://{auth}{','.join(map(str, self.addresses))}/{self.db}"
-
-
-def key_slot(key: bytes) -> int:
-    """Redis Cluster slot: CRC16-XMODEM (= binascii.crc_hqx from 0) of the hash tag or key."""
-    start = key.find(b"{")
-    if start >= 0:
-        end = key.find(b"}", start + 1)
-        if end > start + 1:
-            key = key[start + 1 : end]
-    return binascii.crc_hqx(key, 0) % SLOTS
+SERVER_DOWN = frozenset({"closed", "timeout", "tls", "protocol"})
 
 
 class Fault(NamedTuple):
@@ -186,7 +64,7 @@ Reader = Callable[[RespConnection, int, float], object]
 
 
 @dataclass
-class _Job(Generic[T]):
+class Job(Generic[T]):
     values: list[T]
     parts: Parts
     read: Reader
@@ -308,21 +186,21 @@ class RedisConnector:
             return pool
 
     def _route(
-        self, job: _Job[T], keys: Sequence[bytes], todo: list[int]
+        self, job: Job[T], keys: Sequence[bytes], todo: list[int]
     ) -> dict[Address, list[int]]:
         return {self.url.addresses[0]: todo}
 
-    def _after_round(self, job: _Job[T]) -> None:
+    def _after_round(self, job: Job[T]) -> None:
         """Cluster hook: learn from redirects and connection failures."""
 
-    def _run_groups(self, job: _Job[T], groups: dict[Address, list[int]]) -> None:
+    def _run_groups(self, job: Job[T], groups: dict[Address, list[int]]) -> None:
         for address, idxs in groups.items():
             self._run_group(job, address, idxs, set())
 
     def _execute(
         self, keys: Sequence[bytes], parts: Parts, read: Reader, default: T, deadline: float
     ) -> Outcome[T]:
-        job: _Job[T] = _Job([default] * len(keys), parts, read, deadline)
+        job: Job[T] = Job([default] * len(keys), parts, read, deadline)
         todo = list(range(len(keys)))
         for _ in range(4):  # first try + up to 3 rounds of redirects
             if not todo:
@@ -337,7 +215,7 @@ class RedisConnector:
                 job.fault("route", "-", len(todo), "too many MOVED/ASK redirects")
         return Outcome(job.values, tuple(job.faults.values()))
 
-    def _run_group(self, job: _Job[T], address: Address, idxs: list[int], asking: set[int]) -> None:
+    def _run_group(self, job: Job[T], address: Address, idxs: list[int], asking: set[int]) -> None:
         pool = self._pool(address)
         node = str(address)
         for attempt in (0, 1):
@@ -368,13 +246,13 @@ class RedisConnector:
                     self.dead_connections += 1
                     continue
                 job.fault(exc.kind, node, len(idxs) - done, exc.detail)
-                if exc.kind in _SERVER_DOWN:
+                if exc.kind in SERVER_DOWN:
                     pool.failed()
                 return
             finally:
                 pool.release(conn)
 
-    def _settle(self, job: _Job[T], i: int, reply: object, node: str) -> None:
+    def _settle(self, job: Job[T], i: int, reply: object, node: str) -> None:
         if isinstance(reply, ReplyError):
             code = reply.code
             if code in ("MOVED", "ASK"):
@@ -387,7 +265,7 @@ class RedisConnector:
         else:
             job.values[i] = reply  # type: ignore[assignment]
 
-    def _redirect(self, job: _Job[T], i: int, reply: ReplyError, node: str) -> None:
+    def _redirect(self, job: Job[T], i: int, reply: ReplyError, node: str) -> None:
         job.fault("server", node, 1, f"unexpected redirect from a standalone server: {reply}")
 
 
@@ -424,154 +302,6 @@ def _unexpected(conn: RespConnection, reply: object) -> RespError:
     return RespError("protocol", f"{conn.address}: unexpected reply {reply!r:.60}")
 
 
-class RedisClusterConnector(RedisConnector):
-    """Redis Cluster: routes each key to its slot's master, one pipeline per node."""
-
-    refresh_interval_s = 0.5  # at most one slot-map refresh per interval (injected clock)
-
-    def __init__(
-        self,
-        url: RedisURL,
-        options: ConnectOptions,
-        pool_size: int = 4,
-        backoff: Backoff | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(url, options, pool_size, backoff, clock)
-        self._slots: list[Address | None] | None = None
-        self._stale = True
-        self._refreshed_at = float("-inf")
-        self._refresh_error = RespError("route", "slot map not loaded yet")
-        self._map_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kvr-redis")
-
-    def slot_owner(self, key: bytes) -> Address | None:
-        """The node the current slot map sends ``key`` to (None before discovery)."""
-        slots = self._slots
-        return None if slots is None else slots[key_slot(key)]
-
-    def close(self) -> None:
-        super().close()
-        self._executor.shutdown(wait=True)
-
-    def _route(
-        self, job: _Job[T], keys: Sequence[bytes], todo: list[int]
-    ) -> dict[Address, list[int]]:
-        refresh = self._stale and self.clock() - self._refreshed_at >= self.refresh_interval_s
-        if refresh:
-            self._refresh(job.deadline)
-        slots = self._slots
-        groups: dict[Address, list[int]] = {}
-        job.asking.clear()
-        unrouted = 0
-        for i in todo:
-            target = job.redirects.get(i)
-            if target is not None and target[1]:  # ASK: this key only, to that node
-                groups.setdefault(target[0], []).append(i)
-                job.asking.setdefault(target[0], set()).add(i)
-                continue
-            owner = slots[key_slot(keys[i])] if slots is not None else None
-            if owner is None:
-                unrouted += 1
-            else:
-                groups.setdefault(owner, []).append(i)
-        job.redirects.clear()
-        if unrouted:
-            self._stale = True
-            if slots is None:  # discovery failed (now: why; throttled since: "down")
-                err = self._refresh_error
-                kind = err.kind if refresh else "down"
-                job.fault(kind, "-", unrouted, f"cluster slot discovery: {err.detail}")
-            else:
-                job.fault("route", "-", unrouted, "no node serves the slot in the slot map")
-        return groups
-
-    def _run_groups(self, job: _Job[T], groups: dict[Address, list[int]]) -> None:
-        asking = job.asking
-        items = list(groups.items())
-        if len(items) == 1:
-            self._run_group(job, items[0][0], items[0][1], asking.get(items[0][0], set()))
-            return
-        futures = [
-            self._executor.submit(self._run_group, job, a, idxs, asking.get(a, set()))
-            for a, idxs in items
-        ]
-        for future in futures:
-            future.result()
-
-    def _redirect(self, job: _Job[T], i: int, reply: ReplyError, node: str) -> None:
-        parts = reply.message.split(" ")
-        try:
-            slot, host, port = int(parts[1]), *parts[2].rsplit(":", 1)
-            target = Address(host or self.url.addresses[0].host, int(port))
-        except (IndexError, ValueError):
-            job.fault("protocol", node, 1, f"bad redirect {reply.message!r}")
-            return
-        ask = reply.code == "ASK"
-        with job.lock:
-            job.redirects[i] = (target, ask)
-            if not ask:
-                job.moved[slot] = target
-
-    def _after_round(self, job: _Job[T]) -> None:
-        if job.moved:
-            with self._map_lock:
-                if self._slots is not None:
-                    for slot, owner in job.moved.items():
-                        self._slots[slot] = owner
-            job.moved.clear()
-            self._stale = True
-        if any(k in _SERVER_DOWN or k == "connect" for k, _ in job.faults):
-            self._stale = True  # a failover may have moved slots
-
-    def _refresh(self, deadline: float) -> None:
-        with self._map_lock:
-            self._refreshed_at = self.clock()
-            known = {a for a in (self._slots or ()) if a is not None}
-            candidates = list(self.url.addresses) + sorted(known - set(self.url.addresses))
-        for address in candidates:
-            pool = self._pool(address)
-            try:
-                conn = pool.acquire(deadline).conn
-            except RespError as exc:
-                self._refresh_error = exc
-                continue
-            try:
-                conn.send([pack_command(b"CLUSTER", b"SLOTS")], deadline)
-                reply = conn.read_reply(deadline)
-            except RespError as exc:
-                self._refresh_error = exc
-                if exc.kind in _SERVER_DOWN:
-                    pool.failed()
-                continue
-            finally:
-                pool.release(conn)
-            slots = self._parse_slots(reply, address)
-            if slots is None:
-                self._refresh_error = RespError("route", f"{address}: CLUSTER SLOTS: {reply!r:.80}")
-                continue
-            with self._map_lock:
-                self._slots = slots
-                self._stale = False
-            return
-
-    @staticmethod
-    def _parse_slots(reply: object, asked: Address) -> list[Address | None] | None:
-        if not isinstance(reply, list):
-            return None
-        slots: list[Address | None] = [None] * SLOTS
-        try:
-            for entry in reply:
-                start, end, master = entry[0], entry[1], entry[2]
-                host = master[0].decode() or asked.host
-                owner = Address(host, int(master[1]))
-                for slot in range(int(start), int(end) + 1):
-                    slots[slot] = owner
-        except (TypeError, IndexError, ValueError, AttributeError):
-            return None
-        return slots
-
-
 def open_connector(
     url: RedisURL | str,
     options: ConnectOptions,
@@ -582,6 +312,8 @@ def open_connector(
     """The connector for ``url``: cluster or standalone. The URL's TLS, credentials and db
     fill the options left unset. Connects lazily (never raises for a server that is down);
     raises ConfigError for a malformed URL."""
+    from kvruntime.store.redis_cluster import RedisClusterConnector  # it subclasses ours
+
     parsed = RedisURL.parse(url) if isinstance(url, str) else url
     options = replace(
         options,

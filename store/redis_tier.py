@@ -23,7 +23,8 @@ from functools import cached_property
 from typing import NamedTuple, TypeVar
 
 from kvruntime.errors import BadRequest, ConfigError
-from kvruntime.store.redis import Fault, Outcome, RedisURL, open_connector
+from kvruntime.store.redis import Fault, Outcome, open_connector
+from kvruntime.store.redis_url import RedisURL
 from kvruntime.store.resp import ConnectOptions
 from kvruntime.store.retry import Backoff
 

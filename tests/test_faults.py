@@ -24,7 +24,7 @@ from kvruntime.engines.transformers import TransformersEngine
 from kvruntime.errors import ConfigError
 from kvruntime.results import ChatResult
 from kvruntime.runtime import Runtime
-from kvruntime.store.redis import key_slot
+from kvruntime.store.redis_cluster import key_slot
 
 PAGE = 4
 SYSTEM = "You are a careful agent. Tools: search(query), read(path), write(path, text)."

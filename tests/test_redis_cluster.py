@@ -12,7 +12,8 @@ import redis
 from redis_servers import RedisCluster, RedisServer, free_port
 from redis_servers import redis_cluster as redis_cluster  # fixture (module scope)
 
-from kvruntime.store.redis import RedisClusterConnector, key_slot, open_connector
+from kvruntime.store.redis import open_connector
+from kvruntime.store.redis_cluster import RedisClusterConnector, key_slot
 from kvruntime.store.redis_tier import RedisTier, RedisTierConfig
 from kvruntime.store.resp import ConnectOptions
 

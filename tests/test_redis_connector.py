@@ -15,7 +15,9 @@ from redis_servers import RedisServer, TlsProxy
 from redis_servers import redis_server as redis_server  # fixture
 
 from kvruntime.errors import BadRequest, ConfigError
-from kvruntime.store.redis import RedisConnector, RedisURL, key_slot, open_connector
+from kvruntime.store.redis import RedisConnector, open_connector
+from kvruntime.store.redis_cluster import key_slot
+from kvruntime.store.redis_url import RedisURL
 from kvruntime.store.resp import Address, ConnectOptions, pack_around, pack_command
 
 MiB = 2**20

@@ -13,7 +13,7 @@ import time
 import numpy as np
 from redis_servers import RedisCluster, RedisServer, free_port
 
-from kvruntime.store.redis import key_slot
+from kvruntime.store.redis_cluster import key_slot
 from kvruntime.store.redis_tier import RedisTier, RedisTierConfig
 from kvruntime.store.retry import Backoff
 
