@@ -15,6 +15,7 @@ synced first-token logits:
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -63,9 +64,9 @@ def runtime_restore(
         logits: dict[str, torch.Tensor] = {}
 
         def turn(layered: bool) -> None:
-            t0 = cache._clock()
+            t0 = time.perf_counter()
             restored = cache.restore(found, eng.device, eng.dtype, layered=layered)
-            restore_s.append(cache._clock() - t0)
+            restore_s.append(time.perf_counter() - t0)
             past = restored.prefix
             assert isinstance(past, HostKVPrefix) == (layered and eng.device.type == "cuda")
             logits["layered" if layered else "up_front"] = eng.prefill(tokens, past).logits

@@ -19,7 +19,8 @@ from kvruntime.config import RuntimeConfig
 from kvruntime.divergence import find_divergence
 from kvruntime.engines.base import Engine, check_sampling
 from kvruntime.errors import BadRequest, Overloaded
-from kvruntime.kvcache import KVCache, Lookup
+from kvruntime.kvcache import KVCache
+from kvruntime.lookup import Lookup
 from kvruntime.pins import PinTable
 from kvruntime.results import TIERS, ChatResult, Timings, Usage
 from kvruntime.scheduler import TurnQueue

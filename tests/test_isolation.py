@@ -24,7 +24,7 @@ from kvruntime.engines.chat import render
 from kvruntime.engines.models import LoadedModel
 from kvruntime.engines.transformers import TransformersEngine
 from kvruntime.errors import BadRequest
-from kvruntime.kvcache import tenant_salt
+from kvruntime.lookup import tenant_salt
 from kvruntime.radix import Namespace, page_hashes, storage_key
 from kvruntime.runtime import Runtime
 

@@ -14,14 +14,16 @@ from model_fixtures import tiny as tiny  # fixtures
 from model_fixtures import tiny_dir as tiny_dir
 from model_fixtures import tiny_engine as tiny_engine
 
-from kvruntime import kvcache
+from kvruntime import restore
 from kvruntime.config import RuntimeConfig
 from kvruntime.cost import CostModel, TierCost
 from kvruntime.engines.base import KVPrefix
 from kvruntime.engines.layered import HostKVPrefix
 from kvruntime.engines.transformers import TransformersEngine
 from kvruntime.errors import BadRequest
-from kvruntime.kvcache import KVCache, layered_restore_applies
+from kvruntime.kvcache import KVCache
+from kvruntime.lookup import Lookup
+from kvruntime.restore import layered_restore_applies
 
 P = 4
 DEVICE_PAGES = 3
@@ -49,7 +51,7 @@ def cache(request: pytest.FixtureRequest, tiny_engine: TransformersEngine) -> It
     c.close()
 
 
-def cached_turn(cache: KVCache, engine: TransformersEngine) -> tuple[list[int], kvcache.Lookup]:
+def cached_turn(cache: KVCache, engine: TransformersEngine) -> tuple[list[int], Lookup]:
     """Commit a 30-token prompt (7 full pages: 3 on the device, 4 spilled to the host), then
     look up a longer prompt that starts with it."""
     first = prompt(30, seed=1)
@@ -78,7 +80,7 @@ def test_layered_restore_matches_the_plain_path(
     assert fallback.host_prefix is None and fallback.pages is not None
     assert torch.equal(fallback.pages, plain.pages)
 
-    monkeypatch.setattr(kvcache, "layered_restore_applies", lambda *args: True)
+    monkeypatch.setattr(restore, "layered_restore_applies", lambda *args: True)
     layered = cache.restore(found, dev, dtype, layered=True)
     past = layered.prefix
     assert layered.pages is None and isinstance(past, HostKVPrefix)
@@ -104,7 +106,7 @@ def test_host_only_prefix_has_no_resident_pages(
 ) -> None:
     _, found = cached_turn(cache, tiny_engine)
     found.sources = found.sources[3:]  # the host pages alone (their tokens do not matter here)
-    monkeypatch.setattr(kvcache, "layered_restore_applies", lambda *args: True)
+    monkeypatch.setattr(restore, "layered_restore_applies", lambda *args: True)
     past = cache.restore(found, tiny_engine.device, tiny_engine.dtype, layered=True).prefix
     assert isinstance(past, HostKVPrefix) and past.resident is None and min(past.slots) >= 0
     cache.release(found)
@@ -125,7 +127,7 @@ def test_resident_pages_must_cover_the_marked_ones(
     cache: KVCache, tiny_engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tokens, found = cached_turn(cache, tiny_engine)
-    monkeypatch.setattr(kvcache, "layered_restore_applies", lambda *args: True)
+    monkeypatch.setattr(restore, "layered_restore_applies", lambda *args: True)
     past = cache.restore(found, tiny_engine.device, tiny_engine.dtype, layered=True).prefix
     assert isinstance(past, HostKVPrefix) and past.resident is not None
     with pytest.raises(BadRequest, match="3 pages marked resident"):
