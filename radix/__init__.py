@@ -6,6 +6,7 @@ back what it evicted; callers own the memory.
 
 from __future__ import annotations
 
+from kvruntime.radix.config import RadixConfig
 from kvruntime.radix.hashing import (
     HASH_BYTES,
     Namespace,
@@ -26,7 +27,7 @@ from kvruntime.radix.results import (
     PageInfo,
     RadixStats,
 )
-from kvruntime.radix.tree import RadixConfig, RadixTree
+from kvruntime.radix.tree import RadixTree
 
 __all__ = [
     "HASH_BYTES",

@@ -17,9 +17,9 @@ import bisect
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
-from kvruntime.errors import BadRequest, ConfigError
+from kvruntime.errors import BadRequest
+from kvruntime.radix.config import RadixConfig
 from kvruntime.radix.eviction import EvictionQueue, plan
 from kvruntime.radix.hashing import TOKEN_BYTES, Namespace, chain_blob, encode_tokens
 from kvruntime.radix.integrity import check_tree
@@ -43,25 +43,6 @@ from kvruntime.radix.results import (
     PageInfo,
     RadixStats,
 )
-
-
-@dataclass(frozen=True)
-class RadixConfig:
-    """``page_size`` tokens per page; ``eviction`` names a policy in ``POLICIES``;
-    ``namespace`` is used by calls that pass none (a tree may hold many namespaces)."""
-
-    page_size: int = 16
-    eviction: str = "lru"
-    namespace: Namespace | None = None
-
-    def __post_init__(self) -> None:
-        if type(self.page_size) is not int or self.page_size <= 0:
-            raise ConfigError(
-                f"RadixConfig.page_size must be a positive int, got {self.page_size!r}"
-            )
-        POLICIES.get(self.eviction)  # an unknown name raises UnknownName listing the known
-        if self.namespace is not None and not isinstance(self.namespace, Namespace):
-            raise ConfigError(f"RadixConfig.namespace must be a Namespace, got {self.namespace!r}")
 
 
 def _lcp(a: bytes, b: bytes) -> int:
