@@ -6,8 +6,8 @@ Raises AssertionError naming the broken invariant and where; works under ``pytho
 
 from __future__ import annotations
 
-from kvruntime.radix.eviction import EvictionQueue
 from kvruntime.radix.hashing import HASH_BYTES, TOKEN_BYTES, chain_blob
+from kvruntime.radix.ledger import Ledger
 from kvruntime.radix.location import NOWHERE, TIERS, check_column
 from kvruntime.radix.node import Node
 
@@ -21,14 +21,10 @@ def _where(node: Node) -> str:
     return f"node(serial={node.serial}, pages {node.start}..{node.end})"
 
 
-def check_tree(
-    root: Node,
-    page_size: int,
-    totals: list[int],
-    queue: EvictionQueue,
-    num_nodes: int,
-    num_pages: int,
-) -> None:
+def check_tree(books: Ledger) -> None:
+    """Check every node under ``books.root`` and recount what the ledger counts."""
+    root, page_size, queue = books.root, books.page_size, books.queue
+    totals, num_nodes, num_pages = books.totals, books.num_nodes, books.num_pages
     pb = page_size * TOKEN_BYTES
     _require(root.parent is None and root.alive and not root.hashes, "root must be bare")
     _require(root.sorted_keys == sorted(root.children), "root key order out of sync")

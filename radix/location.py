@@ -86,3 +86,20 @@ def check_column(tier: int, values: Sequence[object]) -> None:
     if bad:
         for value in present:
             check_value(tier, value)
+
+
+def to_columns(locations: Sequence[PageLocation]) -> list[list]:
+    """Checked per-tier columns (device, host, redis) of one location per page.
+
+    Raises BadRequest for a value that is not a PageLocation, a location with no copy (naming
+    the first such page) or a bad value.
+    """
+    if set(map(type, locations)) != {PageLocation}:
+        raise BadRequest("insert locations must be PageLocation values")
+    if NOWHERE in locations:
+        bad = next(i for i, loc in enumerate(locations) if loc == NOWHERE)
+        raise BadRequest(f"location of page {bad} names no tier")
+    columns = [list(col) for col in zip(*locations, strict=True)]
+    for t, col in enumerate(columns):
+        check_column(t, col)
+    return columns

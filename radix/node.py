@@ -8,8 +8,11 @@ location column per tier. A node is never handed out; handles point at it.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 
 from kvruntime.radix.hashing import HASH_BYTES, decode_tokens
+from kvruntime.radix.location import PageLocation
+from kvruntime.radix.results import PageInfo
 
 
 class Node:
@@ -89,6 +92,52 @@ class Node:
     def page_tokens(self, j: int) -> list[int]:
         page_bytes = len(self.key) // self.num_pages
         return decode_tokens(self.key[j * page_bytes : (j + 1) * page_bytes])
+
+    def page_infos(self) -> list[PageInfo]:
+        """This node's pages as handed out, indexed from the namespace's first page."""
+        dev, host, redis = self.locs
+        return [
+            PageInfo(
+                self.start + j,
+                self.page_hash(j),
+                PageLocation(dev[j], host[j], redis[j]),
+                j < self.exact,
+            )
+            for j in range(self.num_pages)
+        ]
+
+    def walk(self) -> Iterator[Node]:
+        """This node and its descendants, parents before children (no recursion: trees get deep)."""
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def path(self) -> list[Node]:
+        """Page-holding nodes from the namespace root down to this one."""
+        chain = []
+        cur: Node | None = self
+        while cur is not None and cur.hashes:
+            chain.append(cur)
+            cur = cur.parent
+        return chain[::-1]
+
+    def pin(self) -> None:
+        """Count one more lock through a handle to this node, here and in every ancestor."""
+        self.pins += 1
+        node: Node | None = self
+        while node is not None:
+            node.lock_ref += 1
+            node = node.parent
+
+    def unpin(self) -> None:
+        """Undo one ``pin`` (the caller checked ``pins`` is positive)."""
+        self.pins -= 1
+        node: Node | None = self
+        while node is not None:
+            node.lock_ref -= 1
+            node = node.parent
 
     def add_child(self, key: bytes, child: Node) -> None:
         self.children[key] = child

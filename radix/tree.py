@@ -1,8 +1,9 @@
 """The token prefix tree: longest cached prefix, insert, locks, per-tier eviction.
 
 The tree maps token prefixes to page locations and nothing else: it never allocates, copies
-or frees KV. Only whole pages are stored. Nodes hold compressed runs of pages and split where
-a prompt diverges; handles (never nodes) are handed out.
+or frees KV. Only whole pages are stored. Nodes (node.py) hold compressed runs of pages and
+split where a prompt diverges; handles (never nodes) are handed out. The nodes and the counts
+kept over them live in a ledger (ledger.py); eviction's order and work are in eviction.py.
 
 Costs: ``match`` and ``insert`` convert the prompt to bytes once and compare whole runs with
 memcmp, never token by token; hashes are computed at insert only, for new pages. ``evict``
@@ -13,29 +14,21 @@ and ``check_integrity`` walk everything.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from kvruntime.errors import BadRequest
 from kvruntime.radix.config import RadixConfig
-from kvruntime.radix.eviction import EvictionQueue, plan
+from kvruntime.radix.eviction import evict, evictable
 from kvruntime.radix.hashing import TOKEN_BYTES, Namespace, chain_blob, encode_tokens
 from kvruntime.radix.integrity import check_tree
-from kvruntime.radix.location import (
-    NOWHERE,
-    TIERS,
-    PageLocation,
-    check_column,
-    check_value,
-    tier_index,
-)
+from kvruntime.radix.ledger import Ledger
+from kvruntime.radix.location import TIERS, PageLocation, check_value, tier_index, to_columns
 from kvruntime.radix.node import Node
 from kvruntime.radix.policy import POLICIES
+from kvruntime.radix.prefix import common_prefix, descend
 from kvruntime.radix.results import (
     Duplicate,
-    EvictedPage,
     EvictResult,
     Handle,
     InsertResult,
@@ -43,21 +36,6 @@ from kvruntime.radix.results import (
     PageInfo,
     RadixStats,
 )
-
-
-def _lcp(a: bytes, b: bytes) -> int:
-    """Length in bytes of the common prefix of ``a`` and ``b``, by bisection over memcmp."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo]; the first difference lies in [lo, hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 class RadixTree:
@@ -70,14 +48,9 @@ class RadixTree:
     def __init__(self, config: RadixConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
-        self._policy = POLICIES.get(config.eviction)
-        self._page_bytes = config.page_size * TOKEN_BYTES
-        self._serials = itertools.count()
-        self._root = self._new_node(None, b"", b"", [[], [], []], exact=0, start=0, now=0.0)
-        self._num_nodes = 0  # page-holding nodes (not the root, not namespace roots)
-        self._num_pages = 0
-        self._totals = [0, 0, 0]  # pages holding a copy, per tier
-        self._queue = EvictionQueue(self._policy)
+        self._books = Ledger(config.page_size, POLICIES.get(config.eviction))
+        self._page_bytes = self._books.page_bytes
+        self._root = self._books.root  # the same node for the tree's life (clear empties it)
 
     # ---------------------------------------------------------------- queries
 
@@ -95,43 +68,13 @@ class RadixTree:
         """
         enc = encode_tokens(tokens)
         ns_root = self._root.children.get(self._namespace(namespace).digest)
-        pb = self._page_bytes
-        path: list[tuple[Node, int]] = []  # (node, pages of it matched)
-        pos = matched = 0
-        node = ns_root
-        while node is not None:
-            probe = enc[pos : pos + pb]
-            child = node.children.get(probe) if len(probe) == pb else None
-            if child is None:  # diverges at a node boundary: closest sibling key by bisection
-                keys = node.sorted_keys
-                i = bisect.bisect_left(keys, probe)
-                best = max(
-                    (_lcp(keys[k], probe) for k in (i - 1, i) if 0 <= k < len(keys)), default=0
-                )
-                matched = pos + best
-                break
-            klen = len(child.key)
-            if enc[pos : pos + klen] == child.key:
-                path.append((child, klen // pb))
-                pos += klen
-                node = child
-                continue
-            common = _lcp(child.key, enc[pos : pos + klen])
-            path.append((child, common // pb))
-            pos += common // pb * pb
-            matched = pos + common % pb
-            break
-        if exact_only:
-            for i, (node, pages) in enumerate(path):
-                if node.exact < pages:
-                    path[i:] = [(node, node.exact)] if node.exact else []
-                    break
+        path, matched = descend(ns_root, enc, self._page_bytes, exact_only)
         if path and path[-1][1] < path[-1][0].num_pages:
             last, pages = path[-1]
-            path[-1] = (self._split(last, pages), pages)
+            path[-1] = (self._books.split(last, pages), pages)
         now = self._clock()
         nodes = [node for node, _ in path]
-        touch = self._queue.touch
+        touch = self._books.queue.touch
         for node in nodes:
             node.last_access = now
             node.hits += 1
@@ -160,7 +103,7 @@ class RadixTree:
         node: Node | None = self._node_of(handle)
         chunks = []
         while node is not None and node.num_pages:
-            chunks.append(self._page_infos(node))
+            chunks.append(node.page_infos())
             node = node.parent
         return tuple(info for chunk in reversed(chunks) for info in chunk)
 
@@ -193,20 +136,10 @@ class RadixTree:
             )
         if num_pages == 0:
             return InsertResult(self._handle(self._root), 0, 0, b"", 0, ())
-        if set(map(type, locations)) != {PageLocation}:
-            raise BadRequest("insert locations must be PageLocation values")
-        if NOWHERE in locations:
-            bad = next(i for i, loc in enumerate(locations) if loc == NOWHERE)
-            raise BadRequest(f"location of page {bad} names no tier")
-        columns = [list(col) for col in zip(*locations, strict=True)]
-        for t, col in enumerate(columns):
-            check_column(t, col)
+        columns = to_columns(locations)
         now = self._clock()
-        node = self._root.children.get(ns.digest)
-        if node is None:
-            node = self._new_node(self._root, b"", b"", [[], [], []], exact=0, start=0, now=now)
-            node.seed = ns.digest
-            self._root.add_child(ns.digest, node)
+        books = self._books
+        node = books.namespace_root(ns.digest, now)
         node.last_access = now
         end = num_pages * pb
         pos = 0
@@ -219,18 +152,18 @@ class RadixTree:
             if pos + klen <= end and enc[pos : pos + klen] == child.key:
                 pages = klen // pb
             else:  # diverges inside the node, or the prompt ends there: split
-                pages = _lcp(child.key, enc[pos:end]) // pb
-                child = self._split(child, pages)
-            self._adopt(child, columns, pos // pb, exact, duplicates)
+                pages = common_prefix(child.key, enc[pos:end]) // pb
+                child = books.split(child, pages)
+            books.adopt(child, columns, pos // pb, exact, duplicates)
             child.last_access = now
-            self._queue.touch(child)
+            books.queue.touch(child)
             pos += pages * pb
             node = child
         num_existing = pos // pb
         if pos < end:
             first = num_existing
             lineage = num_pages - first if exact and (node.fully_exact) else 0
-            new = self._new_node(
+            node = books.add_child(
                 node,
                 enc[pos:end],
                 chain_blob(node.last_hash, memoryview(enc)[pos:end], ps),
@@ -239,12 +172,7 @@ class RadixTree:
                 start=first,
                 now=now,
             )
-            node.add_child(new.key[:pb], new)
-            self._num_nodes += 1
-            self._num_pages += new.num_pages
-            self._recount(new, fresh=True)
-            node = new
-        chain = self._path(node)
+        chain = node.path()
         return InsertResult(
             handle=self._handle(node),
             num_existing=num_existing,
@@ -256,23 +184,14 @@ class RadixTree:
 
     def lock(self, handle: Handle) -> None:
         """Protect the handle's pages (and their prefix) from eviction and removal."""
-        node: Node | None = self._node_of(handle)
-        assert node is not None
-        node.pins += 1
-        while node is not None:
-            node.lock_ref += 1
-            node = node.parent
+        self._node_of(handle).pin()
 
     def unlock(self, handle: Handle) -> None:
         """Undo one ``lock`` of this handle; more unlocks than locks raise BadRequest."""
-        node: Node | None = self._node_of(handle)
-        assert node is not None
+        node = self._node_of(handle)
         if node.pins == 0:
             raise BadRequest(f"unlock of {handle!r} without a matching lock")
-        node.pins -= 1
-        while node is not None:
-            node.lock_ref -= 1
-            node = node.parent
+        node.unpin()
 
     def set_location(
         self, handle: Handle, tier: str, updates: Mapping[int, int | str | None]
@@ -302,7 +221,7 @@ class RadixTree:
             old[node.start + j] = node.locs[t][j]
             node.locs[t][j] = value
         for node in {id(n): n for n, _, _ in plan}.values():
-            self._recount(node)
+            self._books.recount(node)
         return old
 
     def evict(self, tier: str, num_pages: int, *, sole: bool = False) -> EvictResult:
@@ -317,46 +236,7 @@ class RadixTree:
         t = tier_index(tier)
         if type(num_pages) is not int or num_pages < 0:
             raise BadRequest(f"num_pages must be an int >= 0, got {num_pages!r}")
-        freed: list[EvictedPage] = []
-        queue = self._queue
-        queue.sync()
-        popped: list[Node] = []
-        while len(freed) < num_pages:
-            node = queue.pop(t)
-            if node is None:
-                break
-            if not node.alive or not node.counts[t]:
-                continue
-            popped.append(node)
-            if node.lock_ref:
-                continue
-            budget = num_pages - len(freed)
-            drops, removed, _ = plan(node, t, budget, not node.children, keep_shared=sole)
-            edge = node.key[: self._page_bytes]  # its key under the parent, before truncation
-            col = node.locs[t]
-            top = node.num_pages
-            freed += [
-                EvictedPage(node.page_hash(j), col[j], True)
-                for j in range(top - 1, top - removed - 1, -1)
-            ]
-            for j in drops:
-                freed.append(EvictedPage(node.page_hash(j), col[j], False))
-                col[j] = None
-            if removed:
-                node.truncate(removed, self._page_bytes)
-                self._num_pages -= removed
-            self._recount(node)
-            parent = node.parent
-            assert parent is not None
-            if node.num_pages == 0:
-                self._unlink(node, edge)
-                self._forget(node)
-                if parent.num_pages and not parent.children and parent.counts[t]:
-                    queue.push(t, parent)  # its tail may go now: offer it again in this call
-        for node in popped:  # back in line, for later calls
-            if node.alive and node.counts[t]:
-                queue.ensure(t, node)
-        return EvictResult(TIERS[t], tuple(freed))
+        return EvictResult(TIERS[t], tuple(evict(self._books, t, num_pages, sole)))
 
     def remove(self, handle: Handle, start: int) -> tuple[PageInfo, ...]:
         """Forget page ``start`` of a handle's prefix and everything cached after it.
@@ -373,77 +253,44 @@ class RadixTree:
         if node.lock_ref:
             raise BadRequest(f"pages from {start} on are locked")
         if start > node.start:
-            self._split(node, start - node.start)
-        subtree = list(self._walk(node))
-        self._unlink(node)
+            self._books.split(node, start - node.start)
+        subtree = list(node.walk())
+        self._books.unlink(node)
         for n in subtree:
-            self._forget(n)
-        return tuple(info for n in subtree for info in self._page_infos(n))
+            self._books.forget(n)
+        return tuple(info for n in subtree for info in n.page_infos())
 
     def clear(self) -> tuple[PageInfo, ...]:
         """Forget every page (BadRequest if any is locked); returns them for release."""
         if self._root.lock_ref:
             raise BadRequest("clear() with locked pages")
-        forgotten = tuple(info for n in self._walk(self._root) for info in self._page_infos(n))
-        for n in list(self._walk(self._root)):
-            if n is not self._root:
-                self._forget(n)
-        self._root.children.clear()
-        self._root.sorted_keys.clear()
-        self._queue.clear()
-        return forgotten
+        return self._books.clear()
 
     # ---------------------------------------------------------------- figures
 
     @property
     def num_pages(self) -> int:
-        return self._num_pages
+        return self._books.num_pages
 
     @property
     def num_nodes(self) -> int:
-        return self._num_nodes
+        return self._books.num_nodes
 
     def pages_in(self, tier: str) -> int:
         """Pages holding a copy in ``tier``."""
-        return self._totals[tier_index(tier)]
+        return self._books.totals[tier_index(tier)]
 
     def evictable_pages(self, tier: str) -> int:
         """How many copies ``evict(tier, n)`` could drop now, for any n (walks the tree)."""
-        t = tier_index(tier)
-        whole: dict[int, bool] = {}  # id(node) -> its whole subtree would leave the tree
-        total = 0
-        for node in reversed(list(self._walk(self._root))):
-            if not node.num_pages:
-                continue
-            children_go = all(whole[id(c)] for c in node.children.values())
-            if node.lock_ref or not node.counts[t]:
-                whole[id(node)] = False
-                continue
-            drops, removed, gone = plan(node, t, node.num_pages, tail_free=children_go)
-            whole[id(node)] = gone
-            total += len(drops) + removed
-        return total
+        return evictable(self._root, tier_index(tier))
 
     def stats(self) -> RadixStats:
-        nodes = list(self._walk(self._root))
-        return RadixStats(
-            namespaces=len(self._root.children),
-            nodes=self._num_nodes,
-            pages=self._num_pages,
-            pages_by_tier=dict(zip(TIERS, self._totals, strict=True)),
-            locked_pages=sum(n.num_pages for n in nodes if n.lock_ref),
-        )
+        """Namespaces, nodes, pages, pages per tier and locked pages (walks the tree)."""
+        return self._books.stats()
 
     def check_integrity(self) -> None:
         """Raise AssertionError naming the first broken invariant (walks the whole tree)."""
-        check_tree(
-            self._root,
-            self.config.page_size,
-            self._totals,
-            self._queue,
-            self._num_nodes,
-            self._num_pages,
-        )
+        check_tree(self._books)
 
     # ---------------------------------------------------------------- internals
 
@@ -452,21 +299,6 @@ class RadixTree:
         if not isinstance(ns, Namespace):
             raise BadRequest("no namespace: pass namespace= or set RadixConfig.namespace")
         return ns
-
-    def _new_node(
-        self,
-        parent: Node | None,
-        key: bytes,
-        hashes: bytes,
-        locs: list[list],
-        *,
-        exact: int,
-        start: int,
-        now: float,
-    ) -> Node:
-        return Node(
-            parent, key, hashes, locs, exact=exact, start=start, now=now, serial=next(self._serials)
-        )
 
     def _handle(self, node: Node) -> Handle:
         return Handle(self, node, node.end, node.end * self.config.page_size)
@@ -478,87 +310,3 @@ class RadixTree:
         if not node.alive or node.end != handle.num_pages:
             raise BadRequest(f"{handle!r} is stale: its pages left the tree; match again")
         return node
-
-    def _split(self, node: Node, pages: int) -> Node:
-        top = node.split(pages, self._page_bytes, next(self._serials))
-        self._num_nodes += 1
-        self._queue.touch(top)
-        return top
-
-    def _recount(self, node: Node, fresh: bool = False) -> None:
-        """Bring ``node.counts`` and the per-tier totals up to date with its columns."""
-        before = [0, 0, 0] if fresh else node.counts
-        node.counts = [len(col) - col.count(None) for col in node.locs]
-        for t in range(3):
-            self._totals[t] += node.counts[t] - before[t]
-        self._queue.touch(node)  # it may hold a tier it did not, or drop more now
-
-    def _adopt(
-        self, node: Node, columns: list[list], first: int, exact: bool, duplicates: list[Duplicate]
-    ) -> None:
-        """Fill tiers a cached page lacks from an insert's locations; report the rest."""
-        count = len(node.locs[0])
-        changed = False
-        for t, col in enumerate(columns):
-            stored, given = node.locs[t], col[first : first + count]
-            if stored == given:
-                continue
-            for j, value in enumerate(given):
-                if value is None or value == stored[j]:
-                    continue
-                # a copy of other lineage than the page's would mislabel the page's KV
-                if stored[j] is None and (j < node.exact) == exact:
-                    stored[j] = value
-                    changed = True
-                else:
-                    duplicates.append(Duplicate(first + j, TIERS[t], value))
-        if changed:
-            self._recount(node)
-
-    def _unlink(self, node: Node, edge: bytes | None = None) -> None:
-        """Cut ``node`` (keyed ``edge`` under its parent) loose; drop an emptied namespace."""
-        parent = node.parent
-        assert parent is not None
-        parent.drop_child(node.key[: self._page_bytes] if edge is None else edge)
-        if parent.parent is self._root and not parent.children:  # an emptied namespace
-            self._root.drop_child(parent.seed)
-            parent.alive = False
-
-    def _forget(self, node: Node) -> None:
-        node.alive = False
-        if node.parent is self._root or node is self._root:
-            return
-        self._num_nodes -= 1
-        self._num_pages -= node.num_pages
-        for t in range(3):
-            self._totals[t] -= node.counts[t]
-        self._queue.forget(node)
-
-    def _walk(self, top: Node) -> Iterator[Node]:
-        """``top`` and its descendants, parents before children (no recursion: trees get deep)."""
-        stack = [top]
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(node.children.values())
-
-    def _path(self, node: Node) -> list[Node]:
-        """Page-holding nodes from the namespace root down to ``node``."""
-        chain = []
-        cur: Node | None = node
-        while cur is not None and cur.hashes:
-            chain.append(cur)
-            cur = cur.parent
-        return chain[::-1]
-
-    def _page_infos(self, node: Node) -> list[PageInfo]:
-        dev, host, redis = node.locs
-        return [
-            PageInfo(
-                node.start + j,
-                node.page_hash(j),
-                PageLocation(dev[j], host[j], redis[j]),
-                j < node.exact,
-            )
-            for j in range(node.num_pages)
-        ]

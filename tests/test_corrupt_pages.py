@@ -212,7 +212,7 @@ def test_a_corrupt_value_stops_the_restored_prefix_at_its_page(
     bad = corrupt(codec, corruption)
     rt = make(codec)
     cache = rt.cache
-    caplog.set_level(logging.WARNING, logger="kvruntime.kvcache")
+    caplog.set_level(logging.WARNING, logger="kvruntime.restore")
     found = cache.lookup(stored.tokens, "default")
     try:
         # every page is present (only reading tells a bad value from a good one)
@@ -248,7 +248,7 @@ def test_a_turn_over_a_corrupt_page_in_its_own_index_matches_recompute(
     rt.session().chat(FILLER, max_tokens=2)  # evicts every MSGS page from the device
     rt.cache.flush(10)
     corrupt("none", corruption)
-    caplog.set_level(logging.WARNING, logger="kvruntime.kvcache")
+    caplog.set_level(logging.WARNING, logger="kvruntime.restore")
     r = rt.session().chat(MSGS, max_tokens=6)
     assert r.token_ids == stored.want
     assert r.usage.cached_tokens == BAD * PAGE, r.usage

@@ -357,7 +357,7 @@ def dump(tree: RadixTree) -> dict[Key, tuple[tuple[object, ...], bool, bytes]]:
         while stack:
             node, prefix = stack.pop()
             tokens = list(prefix)
-            for j, info in enumerate(tree._page_infos(node)):
+            for j, info in enumerate(node.page_infos()):
                 tokens += node.page_tokens(j)
                 out[(ns_number, tuple(tokens))] = (tuple(info.location), info.exact, info.page_hash)
             stack.extend((child, tuple(tokens)) for child in node.children.values())
