@@ -36,7 +36,7 @@ _LOST = frozenset({"connect", "down", "closed", "timeout", "tls", "protocol"})
 
 @dataclass(frozen=True)
 class RedisTierConfig:
-    url: str  # see kvruntime.store.redis for the accepted forms
+    url: str  # see kvruntime.store.redis_url for the accepted forms
     namespace: str = "kvr"  # key prefix "namespace:key"; "" = none
     ttl_s: float | None = None  # None: keys live until Redis evicts them
     pool_size: int = 4  # connections per server
