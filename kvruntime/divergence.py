@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from kvruntime.radix.prefix import common_prefix
+
 Detokenize = Callable[[Sequence[int]], str]
 
 
@@ -29,19 +31,9 @@ class Divergence:
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix, by bisection on C-level slice compares."""
-    n = min(len(a), len(b))
-    a_l, b_l = list(a[:n]), list(b[:n])
-    if a_l == b_l:
-        return n
-    lo, hi = 0, n  # invariant: a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a_l[lo:mid] == b_l[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    """Length of the longest common prefix of two token sequences (the radix index's
+    bisection over slice compares, ``radix.prefix.common_prefix``)."""
+    return common_prefix(list(a), list(b))
 
 
 def find_divergence(

@@ -28,25 +28,12 @@ class Ledger:
         self.page_bytes = page_size * TOKEN_BYTES
         self.queue = EvictionQueue(policy)
         self._serials = itertools.count()
-        self.root = self._new_node(None, b"", b"", [[], [], []], exact=0, start=0, now=0.0)
+        self.root = Node(
+            None, b"", b"", [[], [], []], exact=0, start=0, now=0.0, serial=next(self._serials)
+        )
         self.num_nodes = 0  # page-holding nodes (not the root, not namespace roots)
         self.num_pages = 0
         self.totals = [0, 0, 0]  # pages holding a copy, per tier
-
-    def _new_node(
-        self,
-        parent: Node | None,
-        key: bytes,
-        hashes: bytes,
-        locs: list[list],
-        *,
-        exact: int,
-        start: int,
-        now: float,
-    ) -> Node:
-        return Node(
-            parent, key, hashes, locs, exact=exact, start=start, now=now, serial=next(self._serials)
-        )
 
     # ---------------------------------------------------------------- growth
 
@@ -54,7 +41,10 @@ class Ledger:
         """The root of namespace ``digest``, made (holding no pages) if it has none yet."""
         node = self.root.children.get(digest)
         if node is None:
-            node = self._new_node(self.root, b"", b"", [[], [], []], exact=0, start=0, now=now)
+            node = Node(
+                self.root, b"", b"", [[], [], []], exact=0, start=0, now=now,
+                serial=next(self._serials),
+            )  # fmt: skip
             node.seed = digest
             self.root.add_child(digest, node)
         return node
@@ -71,7 +61,10 @@ class Ledger:
         now: float,
     ) -> Node:
         """A new node of pages under ``parent`` (the caller checked none of them is cached)."""
-        new = self._new_node(parent, key, hashes, locs, exact=exact, start=start, now=now)
+        new = Node(
+            parent, key, hashes, locs, exact=exact, start=start, now=now,
+            serial=next(self._serials),
+        )  # fmt: skip
         parent.add_child(new.key[: self.page_bytes], new)
         self.num_nodes += 1
         self.num_pages += new.num_pages

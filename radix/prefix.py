@@ -8,12 +8,16 @@ them: ``RadixTree.match`` splits and touches what ``descend`` found.
 from __future__ import annotations
 
 import bisect
+from typing import TypeVar
 
 from kvruntime.radix.node import Node
 
+_Seq = TypeVar("_Seq", bytes, list[int])
 
-def common_prefix(a: bytes, b: bytes) -> int:
-    """Length in bytes of the common prefix of ``a`` and ``b``, by bisection over memcmp."""
+
+def common_prefix(a: _Seq, b: _Seq) -> int:
+    """Length of the common prefix of ``a`` and ``b`` (bytes: page keys; lists: token ids),
+    by bisection over C-level slice compares (memcmp for bytes), never item by item."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n
